@@ -1,0 +1,78 @@
+// CPU grad_stats: (a.b, a.a, b.b) over two flat gradient buffers in one pass, double accumulation,
+// deterministic (fixed chunks summed in order).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "lanes.h"
+
+namespace craft::cpu {
+namespace {
+
+template <typename T>
+void stats_range(const T* a, const T* b, int64_t n, double* out) {
+  double ab = 0, aa = 0, bb = 0;
+  int64_t i = 0;
+  for (; i + kFlush <= n; i += kFlush) {
+    float lab[kLanes] = {}, laa[kLanes] = {}, lbb[kLanes] = {};
+    for (int64_t j = 0; j < kFlush; j += kLanes) {
+      for (int k = 0; k < kLanes; ++k) {
+        const float x = to_float(a[i + j + k]);
+        const float y = to_float(b[i + j + k]);
+        lab[k] += x * y;
+        laa[k] += x * x;
+        lbb[k] += y * y;
+      }
+    }
+    for (int k = 0; k < kLanes; ++k) {
+      ab += lab[k];
+      aa += laa[k];
+      bb += lbb[k];
+    }
+  }
+  for (; i < n; ++i) {
+    const double x = to_float(a[i]);
+    const double y = to_float(b[i]);
+    ab += x * y;
+    aa += x * x;
+    bb += y * y;
+  }
+  out[0] = ab;
+  out[1] = aa;
+  out[2] = bb;
+}
+
+at::Tensor grad_stats_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_buffer_pair(a, b, "a", "b");
+  const int64_t n = a.numel();
+  const int64_t chunks = num_chunks(n);
+  std::vector<double> partial(3 * chunks, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "craft::grad_stats", [&] {
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t lo = c * kChunk;
+        const int64_t len = std::min(kChunk, n - lo);
+        stats_range(pa + lo, pb + lo, len, &partial[3 * c]);
+      }
+    });
+  });
+  double total[3] = {0, 0, 0};
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int k = 0; k < 3; ++k) total[k] += partial[3 * c + k];
+  at::Tensor out = at::empty({3}, a.options().dtype(at::kFloat));
+  float* po = out.mutable_data_ptr<float>();
+  for (int k = 0; k < 3; ++k) po[k] = static_cast<float>(total[k]);
+  return out;
+}
+
+}  // namespace
+}  // namespace craft::cpu
+
+TORCH_LIBRARY_IMPL(craft, CPU, m) { m.impl("grad_stats", &craft::cpu::grad_stats_cpu); }

@@ -1,0 +1,141 @@
+// CPU hidden_mse and its backward: per-sample mean squared error between student and teacher
+// hidden states over all non-batch dims, masked tokens excluded. A sample with nothing to compare
+// (every token masked out, or no elements) has loss 0 and zero gradient.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../dispatch.h"
+#include "lanes.h"
+
+namespace craft::cpu {
+namespace {
+
+// Number of elements that count towards sample b's mean.
+int64_t valid_elements(const MseShape& s, const bool* mask, int64_t b) {
+  if (mask == nullptr) return s.per_sample();
+  int64_t valid = 0;
+  for (int64_t t = 0; t < s.tokens; ++t) valid += mask[b * s.tokens + t] ? 1 : 0;
+  return valid * s.layers * s.dim;
+}
+
+template <typename S, typename T>
+double squared_error(const S* x, const T* y, int64_t n) {
+  double total = 0;
+  int64_t i = 0;
+  for (; i + kFlush <= n; i += kFlush) {
+    float lane[kLanes] = {};
+    for (int64_t j = 0; j < kFlush; j += kLanes) {
+      for (int k = 0; k < kLanes; ++k) {
+        const float d = to_float(x[i + j + k]) - to_float(y[i + j + k]);
+        lane[k] += d * d;
+      }
+    }
+    for (int k = 0; k < kLanes; ++k) total += lane[k];
+  }
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(to_float(x[i])) - static_cast<double>(to_float(y[i]));
+    total += d * d;
+  }
+  return total;
+}
+
+// Rows per work item: about kChunk elements, so work splits evenly whatever B and D are.
+int64_t rows_per_item(const MseShape& s) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, s.dim)); }
+
+at::Tensor hidden_mse_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                          const std::optional<at::Tensor>& mask_in) {
+  const MseShape s = check_hidden_mse(student_in, teacher_in, mask_in);
+  TORCH_CHECK(student_in.device().is_cpu(), "craft: student must be on the CPU for the CPU kernel");
+  const at::Tensor student = student_in.contiguous();
+  const at::Tensor teacher = teacher_in.contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const bool* pm = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+
+  const int64_t rows = s.rows();
+  const int64_t per_item = rows_per_item(s);
+  const int64_t items_per_sample = rows == 0 ? 0 : (rows + per_item - 1) / per_item;
+  std::vector<double> partial(s.batch * items_per_sample, 0.0);
+
+  dispatch_mse_types(student.scalar_type(), teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    const S* ps = student.const_data_ptr<S>();
+    const T* pt = teacher.const_data_ptr<T>();
+    at::parallel_for(0, s.batch * items_per_sample, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / items_per_sample;
+        const int64_t r0 = (item % items_per_sample) * per_item;
+        const int64_t r1 = std::min(rows, r0 + per_item);
+        double acc = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          if (pm != nullptr && !pm[b * s.tokens + r % s.tokens]) continue;
+          const int64_t off = (b * rows + r) * s.dim;
+          acc += squared_error(ps + off, pt + off, s.dim);
+        }
+        partial[item] = acc;
+      }
+    });
+  });
+
+  at::Tensor out = at::empty({s.batch}, student.options().dtype(at::kFloat));
+  float* po = out.mutable_data_ptr<float>();
+  for (int64_t b = 0; b < s.batch; ++b) {
+    double total = 0;
+    for (int64_t k = 0; k < items_per_sample; ++k) total += partial[b * items_per_sample + k];
+    const int64_t count = valid_elements(s, pm, b);
+    po[b] = count == 0 ? 0.0f : static_cast<float>(total / static_cast<double>(count));
+  }
+  return out;
+}
+
+at::Tensor hidden_mse_backward_cpu(const at::Tensor& grad_in, const at::Tensor& student_in,
+                                   const at::Tensor& teacher_in, const std::optional<at::Tensor>& mask_in) {
+  const MseShape s = check_hidden_mse(student_in, teacher_in, mask_in);
+  check_hidden_mse_grad(grad_in, s, student_in);
+  TORCH_CHECK(student_in.device().is_cpu(), "craft: student must be on the CPU for the CPU kernel");
+  const at::Tensor student = student_in.contiguous();
+  const at::Tensor teacher = teacher_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const bool* pm = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  at::Tensor out = at::empty(student.sizes(), student.options());
+  const int64_t rows = s.rows();
+  const float* pg = grad.const_data_ptr<float>();
+
+  std::vector<float> scale(s.batch);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t count = valid_elements(s, pm, b);
+    scale[b] = count == 0 ? 0.0f : static_cast<float>(2.0 * pg[b] / static_cast<double>(count));
+  }
+  dispatch_mse_types(student.scalar_type(), teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    const S* ps = student.const_data_ptr<S>();
+    const T* pt = teacher.const_data_ptr<T>();
+    S* po = out.mutable_data_ptr<S>();
+    at::parallel_for(0, s.batch * rows, std::max<int64_t>(1, rows_per_item(s)), [&](int64_t begin, int64_t end) {
+      for (int64_t br = begin; br < end; ++br) {
+        const int64_t b = br / std::max<int64_t>(1, rows);
+        const bool keep = pm == nullptr || pm[b * s.tokens + (br % rows) % s.tokens];
+        const float k = keep ? scale[b] : 0.0f;
+        const int64_t off = br * s.dim;
+        for (int64_t d = 0; d < s.dim; ++d)
+          po[off + d] = static_cast<S>(k * (to_float(ps[off + d]) - to_float(pt[off + d])));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace craft::cpu
+
+TORCH_LIBRARY_IMPL(craft, CPU, m) {
+  m.impl("hidden_mse", &craft::cpu::hidden_mse_cpu);
+  m.impl("hidden_mse_backward", &craft::cpu::hidden_mse_backward_cpu);
+}

@@ -1,0 +1,20 @@
+// Helpers for CPU loops that the compiler can vectorise: independent float lanes, flushed into
+// double accumulators every block so long reductions keep better-than-fp32 accuracy.
+#pragma once
+
+#include <cstdint>
+
+namespace craft::cpu {
+
+constexpr int kLanes = 16;      // independent accumulators: no reassociation needed to vectorise
+constexpr int64_t kFlush = 256; // elements summed in float before flushing to double
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+
+// Fixed-size chunks make the reduction order independent of the thread count (determinism).
+constexpr int64_t kChunk = int64_t{1} << 16;
+
+inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+}  // namespace craft::cpu
