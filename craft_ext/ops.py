@@ -60,16 +60,15 @@ def hidden_mse_reference(
     batch = student.shape[0]
     if mask is None:
         count = torch.full((batch,), sq[0].numel() if batch else 0, dtype=torch.float64, device=sq.device)
-        total = sq.reshape(batch, -1).sum(dim=1)
+        total = sq.flatten(1).sum(dim=1)
     else:
-        m = mask.to(torch.float64)
         if student.dim() == 4:  # [B, L, T, D]: the mask selects tokens in every layer
-            m = m[:, None, :, None]
+            keep = mask[:, None, :, None]
             count = mask.sum(dim=1).double() * student.shape[1] * student.shape[3]
         else:  # [B, T, D]
-            m = m[:, :, None]
+            keep = mask[:, :, None]
             count = mask.sum(dim=1).double() * student.shape[2]
-        total = (sq * m).reshape(batch, -1).sum(dim=1)
+        total = torch.where(keep, sq, torch.zeros_like(sq)).flatten(1).sum(dim=1)
     safe = torch.where(count > 0, count, torch.ones_like(count))
     return torch.where(count > 0, total / safe, torch.zeros_like(total)).float()
 

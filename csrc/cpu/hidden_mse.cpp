@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../checks.h"
@@ -122,8 +123,12 @@ at::Tensor hidden_mse_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
       for (int64_t br = begin; br < end; ++br) {
         const int64_t b = br / std::max<int64_t>(1, rows);
         const bool keep = pm == nullptr || pm[b * s.tokens + (br % rows) % s.tokens];
-        const float k = keep ? scale[b] : 0.0f;
         const int64_t off = br * s.dim;
+        if (!keep) {  // masked rows are never read: whatever they hold, their gradient is 0
+          std::fill(po + off, po + off + s.dim, S(0.0f));
+          continue;
+        }
+        const float k = scale[b];
         for (int64_t d = 0; d < s.dim; ++d)
           po[off + d] = static_cast<S>(k * (to_float(ps[off + d]) - to_float(pt[off + d])));
       }

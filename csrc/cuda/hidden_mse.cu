@@ -3,7 +3,7 @@
 // block sums squared errors over a strided set of rows of one sample into a double partial; a second
 // kernel sums each sample's partials in a fixed order and divides by the valid-element count
 // (deterministic, no atomics). Backward: same grid, writes scale_b * (s - t) with
-// scale_b = 2 grad_b / count_b, zero on masked rows.
+// scale_b = 2 grad_b / count_b, zeros on masked rows (which are not read).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -94,10 +94,13 @@ __global__ void mse_backward_kernel(const float* __restrict__ grad, const S* __r
   const double count = valid_elements(mask, b, g, layers);
   const float scale = count > 0 ? static_cast<float>(2.0 * grad[b] / count) : 0.f;
   for (int64_t r = blockIdx.x; r < g.rows; r += gridDim.x) {
-    const float k = row_kept(mask, b, r, g.tokens) ? scale : 0.f;
     const int64_t off = (b * g.rows + r) * g.dim;
+    if (!row_kept(mask, b, r, g.tokens)) {  // masked rows are never read: their gradient is 0
+      for (int64_t i = threadIdx.x; i < g.dim; i += blockDim.x) out[off + i] = static_cast<S>(0.f);
+      continue;
+    }
     for (int64_t i = threadIdx.x; i < g.dim; i += blockDim.x)
-      out[off + i] = static_cast<S>(k * (to_float(s[off + i]) - to_float(t[off + i])));
+      out[off + i] = static_cast<S>(scale * (to_float(s[off + i]) - to_float(t[off + i])));
   }
 }
 
