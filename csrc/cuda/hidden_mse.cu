@@ -115,6 +115,8 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const std
   Prepared p;
   p.shape = check_hidden_mse(student, teacher, mask);
   TORCH_CHECK(student.is_cuda(), "craft: student must be a CUDA tensor for the CUDA kernel");
+  TORCH_CHECK(student.size(0) <= 65535, "craft: hidden_mse on CUDA supports at most 65535 samples per call, got ",
+              student.size(0));
   p.student = student.contiguous();
   p.teacher = teacher.contiguous();
   if (mask.has_value()) p.mask = mask->contiguous();
