@@ -14,6 +14,14 @@ G = alpha T + beta R (PCGrad projection on conflict, `weighted` merge) in T's st
 
 Bytes counted for the GB/s column: stats read 2N elements, combine reads 2N and writes N (5N in all).
 `copy` is a plain tensor copy moving the same number of bytes: the memory-bandwidth ceiling.
+
+`--section engine` measures the whole gradient path of one step instead (DESIGN.md §2 steps 1-5):
+task backward, retention backward, surgery, on a model with the same parameter layout:
+
+  plain     plain fine-tuning: the task backward alone (the memory baseline: one gradient)
+  old       the task gradient cloned out, grads reset, retention backward, `old` surgery, G put back
+  ours      craft_ext.surgery: GradBuffers (both backwards accumulate into flat T / R buffers through
+            param.grad views) + surgery_
 """
 
 from __future__ import annotations
@@ -28,11 +36,12 @@ import weakref
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import craft_ext
-from craft_ext import ops
+from craft_ext.surgery import GradBuffers, surgery_, surgery_coefficients
 
 TAU = 0.0
 LAM = 1.0
@@ -63,11 +72,9 @@ def layout(name: str, scale: float, uniform_n: int, uniform_count: int) -> list[
 
 
 def coefficients(stats: torch.Tensor) -> torch.Tensor:
-    """[alpha, beta] on device from (T.R, |T|^2, |R|^2): projection on conflict, weighted merge."""
-    dot, tt, rr = stats[0], stats[1], stats[2]
-    cos = dot / (tt.sqrt() * rr.sqrt() + 1e-12)
-    proj = torch.where((cos < TAU) & (rr > 0), dot / rr.clamp_min(1e-30), torch.zeros_like(dot))
-    return torch.stack([torch.ones_like(dot), LAM - proj])
+    """[alpha, beta] on device from (T.R, |T|^2, |R|^2), with the engine's own rule."""
+    c = surgery_coefficients(stats, LAM, tau=TAU, mode="weighted")
+    return torch.stack([c["alpha"], c["beta"]])
 
 
 def step_old(T, R):
@@ -104,8 +111,7 @@ def step_cat(T, R):
 
 
 def step_ours(t_flat, r_flat):
-    coef = coefficients(ops.grad_stats(t_flat, r_flat))
-    ops.grad_combine_(t_flat, r_flat, coef)
+    surgery_(t_flat, r_flat, LAM, tau=TAU, mode="weighted")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +192,14 @@ def median_time(fn, device: str, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def machine_info(device: str) -> dict:
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "torch": torch.__version__, "craft_ext": craft_ext.build_info(),
+    }
+
+
 def run(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     numels = layout(args.layout, args.scale, args.uniform_n, args.uniform_count)
@@ -237,11 +251,7 @@ def run(args) -> dict:
             "dtype": args.dtype, "device": device, "repeats": args.repeats,
             "gradient_bytes": n * elem, "bytes_per_step": bytes_moved, "threads": torch.get_num_threads(),
         },
-        "machine": {
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "torch": torch.__version__, "craft_ext": craft_ext.build_info(),
-        },
+        "machine": machine_info(device),
         "results": rows,
     }
 
@@ -256,6 +266,112 @@ def print_table(report: dict) -> None:
               f"{row['peak_extra_bytes'] / 2**20:>15.1f}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Full engine path: both backwards into gradient storage, then the surgery
+
+
+class LayoutModel(nn.Module):
+    """Parameters in the benchmark layout and two linear losses, sum_i w_i . p_i, whose gradients are
+    fixed tensors (d task / dp = T, d retain / dp = R): each backward allocates one gradient's worth of
+    tensors, as a real backward does, at negligible compute, so the gradient storage is what differs."""
+
+    def __init__(self, numels: list[int], t0: torch.Tensor, r0: torch.Tensor):
+        super().__init__()
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.zeros(n, dtype=t0.dtype, device=t0.device)) for n in numels
+        )
+        self.task_w, self.retain_w = views(t0, numels), views(r0, numels)
+
+    def loss(self, ws: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.dot(p, w) for p, w in zip(self.weights, ws)]).sum()
+
+
+def engine_plain(model: LayoutModel) -> None:
+    model.loss(model.task_w).backward()
+
+
+def engine_old(model: LayoutModel) -> None:
+    params = list(model.weights)
+    model.loss(model.task_w).backward()
+    T = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    model.loss(model.retain_w).backward()
+    step_old(T, [p.grad for p in params])
+    for p, t in zip(params, T):
+        p.grad = t
+
+
+def engine_ours(model: LayoutModel, bufs: GradBuffers) -> None:
+    bufs.task.zero_()
+    bufs.retain.zero_()
+    bufs.use("task")
+    model.loss(model.task_w).backward()
+    bufs.use("retain")
+    model.loss(model.retain_w).backward()
+    bufs.use("task")
+    surgery_(bufs.task, bufs.retain, LAM, tau=TAU, mode="weighted")
+
+
+def run_engine(args) -> dict:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    numels = layout(args.layout, args.scale, args.uniform_n, args.uniform_count)
+    n = sum(numels)
+    elem = torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    t0 = torch.randn(n, generator=g).to(dtype).to(device)
+    r0 = (-0.3 * t0.float().cpu() + torch.randn(n, generator=g)).to(dtype).to(device)  # conflicting
+    model = LayoutModel(numels, t0, r0)
+    grad_bytes = n * elem
+
+    def clear_grads():
+        for p in model.weights:
+            p.grad = None
+
+    rows = {}
+
+    def measure(name, fn, held_bytes):
+        """held_bytes: gradient storage that already exists when fn starts (ours: T and R)."""
+        sec = median_time(fn, device, args.repeats)
+        if held_bytes == 0:
+            clear_grads()
+        peak = held_bytes + peak_extra_bytes(fn, device)
+        rows[name] = {"median_s": sec, "peak_grad_bytes": peak, "gradients_at_peak": peak / grad_bytes}
+
+    measure("plain", lambda: (clear_grads(), engine_plain(model)), 0)
+    measure("old", lambda: (clear_grads(), engine_old(model)), 0)
+    expected = torch.cat([p.grad.float().reshape(-1) for p in model.weights])  # G of the old path
+    clear_grads()
+    bufs = GradBuffers(model)
+    measure("ours", lambda: engine_ours(model, bufs), 2 * grad_bytes)
+    torch.testing.assert_close(bufs.task.flats[0].float(), expected, rtol=2e-2, atol=2e-2, msg="ours disagrees")
+    for row in rows.values():
+        row["ratio_to_ours"] = row["median_s"] / rows["ours"]["median_s"]
+        row["extra_gradients_vs_plain"] = row["gradients_at_peak"] - rows["plain"]["gradients_at_peak"]
+    return {
+        "config": {
+            "section": "engine", "layout": args.layout, "scale": args.scale, "tensors": len(numels),
+            "elements": n, "dtype": args.dtype, "device": device, "repeats": args.repeats,
+            "gradient_bytes": grad_bytes, "threads": torch.get_num_threads(),
+        },
+        "machine": machine_info(device),
+        "results": rows,
+    }
+
+
+def print_engine_table(report: dict) -> None:
+    c = report["config"]
+    print(f"\nfull engine path, {c['layout']} layout: {c['tensors']} tensors, {c['elements'] / 1e6:.1f}M "
+          f"{c['dtype']} elements ({c['gradient_bytes'] / 2**20:.0f} MiB per gradient), device {c['device']}, "
+          f"{c['threads']} threads")
+    print(f"{'impl':<8} {'median ms':>10} {'x ours':>8} {'grad MiB at peak':>17} {'gradients':>10} "
+          f"{'extra vs plain':>15}")
+    for name, row in report["results"].items():
+        print(f"{name:<8} {row['median_s'] * 1e3:>10.2f} {row['ratio_to_ours']:>8.2f} "
+              f"{row['peak_grad_bytes'] / 2**20:>17.1f} {row['gradients_at_peak']:>10.2f} "
+              f"{row['extra_gradients_vs_plain']:>15.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=["pi0fast", "uniform"], default="pi0fast")
@@ -267,11 +383,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", type=Path, help="write the full report here")
+    p.add_argument("--section", choices=["surgery", "engine"], default="surgery",
+                   help="surgery: the surgery step alone, 4 ways; engine: both backwards + surgery, old vs ours")
     args = p.parse_args()
     if args.scale is None:
         args.scale = 1.0 if args.device == "cuda" else 0.02
-    report = run(args)
-    print_table(report)
+    if args.section == "engine":
+        report = run_engine(args)
+        print_engine_table(report)
+    else:
+        report = run(args)
+        print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
