@@ -1,0 +1,236 @@
+"""Anchor cache format v1: the manifest, its JSON form, and the shard naming rules.
+
+The manifest is the contract between the cache builder and the trainer. Everything a reader needs to
+refuse a cache that does not fit (another model, layer set, pooling, dim, format) is recorded here,
+so a wrong cache fails loudly instead of producing a plausible-looking but meaningless loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+POOLING_MODES = ("pooled", "tokens")
+HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+HIDDEN_KEY = "hidden"
+MASK_KEY = "mask"
+INPUT_PREFIX = "inputs."
+
+
+class AnchorCacheError(RuntimeError):
+    """A cache on disk is missing, corrupt, of another format, or does not fit the model using it."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard file: how many rows it holds and the sha256 of its exact bytes."""
+
+    file: str
+    rows: int
+    sha256: str
+    num_bytes: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Per-row dtype and shape of a stored tensor (the leading row dimension is left out)."""
+
+    dtype: str
+    shape: list[int]
+
+
+@dataclass
+class TeacherInfo:
+    """Which model produced the hidden states: checkpoint path, weights checksum, adapter identity."""
+
+    path: str
+    weights_sha256: str
+    identity: dict[str, Any]
+
+
+@dataclass
+class SourceInfo:
+    """Which frames of which dataset the anchors are (positions as passed to ``dataset[i]``)."""
+
+    repo_id: str
+    root: str | None
+    frame_indices: list[int]
+    seed: int
+
+
+@dataclass
+class HiddenInfo:
+    """What the stored hidden states are: layers, pooling, width, storage dtype, vectors per layer."""
+
+    layers: list[int]  # absolute layer indices, in storage order
+    layers_requested: list[int]  # as the user asked for them (may be negative)
+    pooling: str
+    dim: int
+    dtype: str
+
+
+@dataclass
+class BuildSettings:
+    """Everything fixed before the first shard is written. A resumed build must match it exactly."""
+
+    teacher: TeacherInfo
+    source: SourceInfo
+    hidden: HiddenInfo
+    preprocessing: dict[str, Any]
+    shard_size: int
+
+    def __post_init__(self) -> None:
+        if self.hidden.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.hidden.pooling!r}")
+        if self.hidden.dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"hidden dtype must be one of {sorted(HIDDEN_DTYPES)}, got {self.hidden.dtype!r}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.source.frame_indices)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.shard_size)
+
+    def shard_frames(self, index: int) -> list[int]:
+        """Dataset positions stored in shard ``index`` (fixed by the settings, so resumable)."""
+        start = index * self.shard_size
+        return self.source.frame_indices[start : start + self.shard_size]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON form; stamped into every shard written under these settings."""
+        return hashlib.sha256(_canonical(self.to_json()).encode()).hexdigest()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildSettings:
+        return cls(
+            teacher=TeacherInfo(**data["teacher"]),
+            source=SourceInfo(**data["source"]),
+            hidden=HiddenInfo(**data["hidden"]),
+            preprocessing=data["preprocessing"],
+            shard_size=data["shard_size"],
+        )
+
+
+@dataclass
+class Manifest:
+    """A complete cache: its settings, the stored layout, the teacher's statistics and the shards."""
+
+    settings: BuildSettings
+    num_vectors: int  # 2 per layer when pooled, the prefix length T in tokens mode
+    inputs: dict[str, TensorSpec]
+    layer_mean: list[float]  # per layer: mean of all hidden values
+    layer_var: list[float]  # per layer: mean over dims of the per-dim variance (normalises the MSE)
+    shards: list[ShardRecord]
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance (library versions), not checked
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def hidden_spec(self) -> TensorSpec:
+        h = self.settings.hidden
+        return TensorSpec(h.dtype, [len(h.layers), self.num_vectors, h.dim])
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"format_version": data.pop("format_version"), **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise AnchorCacheError(
+                f"anchor cache format version {version!r} is not supported (this craft_ext reads "
+                f"version {FORMAT_VERSION}); rebuild the cache with python -m craft_ext.build_anchor_cache"
+            )
+        try:
+            return cls(
+                settings=BuildSettings.from_json(data["settings"]),
+                num_vectors=int(data["num_vectors"]),
+                inputs={k: TensorSpec(**v) for k, v in data["inputs"].items()},
+                layer_mean=[float(x) for x in data["layer_mean"]],
+                layer_var=[float(x) for x in data["layer_var"]],
+                shards=[ShardRecord(**s) for s in data["shards"]],
+                format_version=version,
+                extra=data.get("extra", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AnchorCacheError(f"anchor cache manifest is malformed: {exc!r}") from exc
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON so a crash leaves either the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: fsync the directory entry."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise AnchorCacheError(f"{what} not found: {path}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AnchorCacheError(f"{what} {path} is unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise AnchorCacheError(f"{what} {path} is not a JSON object")
+    return data
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> None:
+    write_json_atomic(Path(directory) / MANIFEST_NAME, manifest.to_json())
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AnchorCacheError(f"anchor cache directory not found: {directory}")
+    return Manifest.from_json(read_json(directory / MANIFEST_NAME, "anchor cache manifest"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

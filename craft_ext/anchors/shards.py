@@ -1,0 +1,100 @@
+"""One shard file: what goes into it and how to read its layout without loading its data.
+
+A shard is a plain safetensors file (no pickle): ``hidden`` [rows, L, V, D], ``mask`` [rows, T] in
+tokens mode, and one ``inputs.<key>`` tensor per model-ready input, all with rows first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+
+from .manifest import FORMAT_VERSION, HIDDEN_KEY, INPUT_PREFIX, MASK_KEY, AnchorCacheError, TensorSpec
+
+METADATA_KEY = "craft_anchor_cache"
+
+# safetensors' dtype codes -> torch dtype names, for the dtypes a cache may hold
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Row count and per-row tensor specs of one shard, read from its header only."""
+
+    rows: int
+    hidden: TensorSpec
+    mask: TensorSpec | None
+    inputs: dict[str, TensorSpec]
+    metadata: dict[str, Any]
+
+
+def encode_shard(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    inputs: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+) -> bytes:
+    """Serialise one shard to safetensors bytes (deterministic for equal tensors and metadata)."""
+    tensors = {HIDDEN_KEY: hidden.detach().cpu().contiguous()}
+    if mask is not None:
+        tensors[MASK_KEY] = mask.detach().cpu().contiguous()
+    for key, value in inputs.items():
+        tensors[INPUT_PREFIX + key] = value.detach().cpu().contiguous()
+    # One metadata entry holding canonical JSON: safetensors writes a multi-key metadata map in a
+    # random order, which would make equal shards differ byte for byte.
+    info = json.dumps({"format_version": FORMAT_VERSION, **metadata}, sort_keys=True)
+    return safetensors_save(tensors, metadata={METADATA_KEY: info})
+
+
+def read_layout(path: Path) -> ShardLayout:
+    """Parse a shard's header; a truncated or non-safetensors file is an AnchorCacheError."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            specs = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                specs[name] = (sl.get_dtype(), list(sl.get_shape()))
+            metadata = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+    except FileNotFoundError:
+        raise AnchorCacheError(f"anchor cache shard is missing: {path}") from None
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise AnchorCacheError(f"anchor cache shard {path} is corrupt or truncated: {exc}") from exc
+    if HIDDEN_KEY not in specs:
+        raise AnchorCacheError(f"anchor cache shard {path} has no '{HIDDEN_KEY}' tensor")
+
+    def spec(name: str) -> TensorSpec:
+        code, shape = specs[name]
+        return TensorSpec(_SAFETENSORS_DTYPES.get(code, code), shape[1:])
+
+    rows = specs[HIDDEN_KEY][1][0]
+    for name, (_, shape) in specs.items():
+        if not shape or shape[0] != rows:
+            raise AnchorCacheError(f"anchor cache shard {path}: tensor {name!r} has {shape} rows, hidden has {rows}")
+    return ShardLayout(
+        rows=rows,
+        hidden=spec(HIDDEN_KEY),
+        mask=spec(MASK_KEY) if MASK_KEY in specs else None,
+        inputs={n[len(INPUT_PREFIX) :]: spec(n) for n in specs if n.startswith(INPUT_PREFIX)},
+        metadata=metadata,
+    )

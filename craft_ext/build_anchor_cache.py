@@ -1,0 +1,202 @@
+"""python -m craft_ext.build_anchor_cache: cache a teacher policy's hidden states on anchor frames.
+
+    python -m craft_ext.build_anchor_cache \\
+        --policy.path=outputs/pretrained_model --dataset.repo_id=lerobot/aloha_sim_insertion_human \\
+        --output_dir=anchors/aloha --num_anchors=1000 --layers=-2,-1 --pooling=pooled
+
+Frames come from lerobot's LeRobotDataset and go through the checkpoint's own saved preprocessor,
+so the stored inputs are exactly what training feeds the policy. Re-running the same command resumes
+an interrupted build; other settings on an existing cache need --overwrite=true. Exit status: 0 on
+success, 1 on bad input or a failed self-check (with a message on stderr).
+"""
+
+# (no `from __future__ import annotations`: lerobot's parser.wrap reads the config class from the
+#  signature, which must be a real class, not a string)
+
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import craft_ext
+
+from lerobot.configs import parser
+from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.datasets.factory import resolve_delta_timestamps
+from lerobot.utils.collate import lerobot_collate_fn
+
+from .anchors.build import check_teacher_reproduces, select_anchor_frames, write_shards
+from .anchors.manifest import (
+    HIDDEN_DTYPES,
+    POOLING_MODES,
+    AnchorCacheError,
+    BuildSettings,
+    HiddenInfo,
+    SourceInfo,
+    TeacherInfo,
+    sha256_file,
+)
+from .anchors.reader import AnchorCache
+from .anchors.writer import AnchorCacheWriter
+from .policies import make_adapter
+from .policies.loading import load_policy, load_processors
+
+
+@dataclass
+class PolicySource:
+    path: str | None = None  # a saved lerobot policy directory (config.json, model.safetensors, processors)
+
+
+@dataclass
+class DatasetSource:
+    repo_id: str | None = None
+    root: str | None = None  # local dataset directory; default: lerobot's cache for repo_id
+
+
+@dataclass
+class BuildAnchorCacheConfig:
+    policy: PolicySource = field(default_factory=PolicySource)
+    dataset: DatasetSource = field(default_factory=DatasetSource)
+    output_dir: str | None = None
+    num_anchors: int = 1000
+    seed: int = 0
+    layers: str = "-2,-1"  # comma-separated; negative counts from the last layer
+    pooling: str = "pooled"  # pooled (2 vectors per layer) | tokens (every prefix token, masked)
+    dtype: str = "bfloat16"  # storage dtype of the hidden states: float16 | bfloat16 | float32
+    shard_size: int = 256  # rows per shard file
+    batch_size: int = 8
+    num_workers: int = 0  # dataset-loading worker processes
+    device: str | None = None  # default: cuda if available, else cpu
+    overwrite: bool = False
+    check: bool = True  # after building, check the teacher gives L_ret == 0 on a few rows
+
+    def validate(self) -> None:
+        missing = [name for name, value in (("--policy.path", self.policy.path),
+                                            ("--dataset.repo_id", self.dataset.repo_id),
+                                            ("--output_dir", self.output_dir)) if not value]
+        if missing:
+            raise ValueError(f"missing required option(s): {', '.join(missing)}")
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"--pooling must be one of {'|'.join(POOLING_MODES)}, got {self.pooling!r}")
+        if self.dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"--dtype must be one of {'|'.join(HIDDEN_DTYPES)}, got {self.dtype!r}")
+        for name in ("num_anchors", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        self.layer_list()
+        if self.check and not craft_ext.extension_available():
+            raise ValueError("the self-check needs craft_ext's compiled extension: build it, or pass --check=false")
+
+    def layer_list(self) -> list[int]:
+        text = self.layers.strip().removeprefix("[").removesuffix("]")
+        try:
+            layers = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--layers must be comma-separated integers like -2,-1, got {self.layers!r}") from None
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"--layers must name at least one layer, each once, got {self.layers!r}")
+        return layers
+
+
+def build(cfg: BuildAnchorCacheConfig) -> Path:
+    """Build (or resume) the cache described by ``cfg``; returns its directory."""
+    cfg.validate()
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy_dir = Path(cfg.policy.path).resolve()
+    if not (policy_dir / "model.safetensors").is_file():
+        raise ValueError(f"--policy.path={cfg.policy.path} is not a saved policy (no model.safetensors)")
+
+    try:
+        meta = LeRobotDatasetMetadata(cfg.dataset.repo_id, root=cfg.dataset.root)
+    except OSError as exc:  # a missing local root falls through to the hub, which is offline here
+        raise ValueError(f"cannot load the dataset {cfg.dataset.repo_id} (root {cfg.dataset.root}): {exc}") from exc
+    if meta.total_frames == 0:
+        raise ValueError(f"the dataset {cfg.dataset.repo_id} is empty: no frames to take anchors from")
+    policy = load_policy(policy_dir, device=device)
+    adapter = make_adapter(policy)
+    requested = cfg.layer_list()
+    try:
+        layers = adapter.resolve_layers(requested)
+    except (IndexError, ValueError) as exc:
+        raise ValueError(f"--layers={cfg.layers}: {exc}") from exc
+    dataset = LeRobotDataset(
+        cfg.dataset.repo_id, root=cfg.dataset.root, delta_timestamps=resolve_delta_timestamps(policy.config, meta)
+    )
+    episodes = dataset.hf_dataset.with_format("numpy")["episode_index"]
+    frames = select_anchor_frames(episodes, cfg.num_anchors, cfg.seed)
+    preprocessor, _ = load_processors(policy_dir, device=device)
+
+    settings = _settings(cfg, policy_dir, adapter, layers, frames, [type(step).__name__ for step in preprocessor.steps])
+    writer = AnchorCacheWriter(cfg.output_dir, settings, overwrite=cfg.overwrite)
+    collate = lerobot_collate_fn if dataset.meta.has_language_columns else None
+
+    def load_batches(shard_frames: list[int]):
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, shard_frames),
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+        )
+        return (preprocessor(batch) for batch in loader)
+
+    todo = sum(len(settings.shard_frames(k)) for k in writer.pending)
+    start = time.perf_counter()
+    with tqdm(total=todo, unit="row", desc="anchor cache", disable=todo == 0) as bar:
+        write_shards(writer, adapter, load_batches, progress=bar.update)
+    elapsed = time.perf_counter() - start
+    manifest = writer.finalize(
+        extra={
+            "batch_size": cfg.batch_size,
+            "device": device,
+            "versions": {name: version(name) for name in ("torch", "lerobot", "safetensors")},
+        }
+    )
+    rate = f", {todo / elapsed:.1f} rows/s" if todo else " (already complete)"
+    print(f"anchor cache: {manifest.num_rows} rows in {len(manifest.shards)} shards at {cfg.output_dir}{rate}")
+    if cfg.check:
+        worst = check_teacher_reproduces(adapter, AnchorCache(cfg.output_dir), device)
+        print(f"self-check: the teacher reproduces its cache (max normalised L_ret {worst:.2e})")
+    return Path(cfg.output_dir)
+
+
+def _settings(cfg, policy_dir: Path, adapter, layers: list[int], frames: list[int], steps: list[str]) -> BuildSettings:
+    """Everything that defines the cache's content (what a resumed build must match)."""
+    return BuildSettings(
+        teacher=TeacherInfo(
+            path=str(policy_dir), weights_sha256=sha256_file(policy_dir / "model.safetensors"), identity=adapter.identity()
+        ),
+        source=SourceInfo(
+            repo_id=cfg.dataset.repo_id,
+            root=None if cfg.dataset.root is None else str(Path(cfg.dataset.root).resolve()),
+            frame_indices=frames,
+            seed=cfg.seed,
+        ),
+        hidden=HiddenInfo(
+            layers=layers, layers_requested=cfg.layer_list(), pooling=cfg.pooling, dim=adapter.hidden_dim, dtype=cfg.dtype
+        ),
+        preprocessing={
+            "steps": steps,
+            # the saved pipeline configs and their normalisation stats, byte for byte
+            "files_sha256": {p.name: sha256_file(p) for p in sorted(policy_dir.glob("policy_preprocessor*"))},
+        },
+        shard_size=cfg.shard_size,
+    )
+
+
+@parser.wrap()
+def main(cfg: BuildAnchorCacheConfig) -> int:
+    try:
+        build(cfg)
+    except (AnchorCacheError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Build the offline kit: tokenizers, task datasets and a tiny pi0-fast trained on task A.
+
+Layout written under `output_dir`:
+
+    tokenizers/text/     PaliGemma-layout text tokenizer (AutoTokenizer)
+    tokenizers/fast/     FAST action tokenizer (AutoProcessor, trust_remote_code=True)
+    datasets/<name>/     LeRobot datasets, one per TaskSpec (task_a, task_b)
+    policy/              lerobot checkpoint of the tiny pi0-fast + its pre/post processors
+                         + craft_tiny.json (load with craft_ext.policies.loading.load_policy)
+
+Everything goes through lerobot's real factories (make_policy, make_pre_post_processors,
+LeRobotDataset), exactly as a real checkpoint would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.policies.factory import make_policy, make_pre_post_processors
+from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
+
+from craft_ext.offline_kit.datasets import TASK_A, TASK_B, TaskSpec, make_dataset
+from craft_ext.offline_kit.fast_tokenizer import FASTActionTokenizer
+from craft_ext.offline_kit.text_tokenizer import build_text_tokenizer
+from craft_ext.offline_kit.tiny_model import TinySizes, tiny_pi0fast
+from craft_ext.policies.loading import save_policy
+
+
+@dataclass(frozen=True)
+class KitSettings:
+    """Sizes of the kit. Defaults keep `python -m craft_ext.offline_kit` well under a minute."""
+
+    seed: int = 0
+    train_steps: int = 300
+    batch_size: int = 8
+    lr: float = 3e-3
+    episodes: int = 8
+    frames: int = 30
+    fps: int = 10
+    chunk_size: int = 8
+    camera: str = "front"
+    fast_vocab_size: int = 256
+    fast_skip_tokens: int = 128
+    text_vocab_size: int = 384
+    tokenizer_max_length: int = 32
+    max_action_tokens: int = 48
+    tasks: tuple[TaskSpec, ...] = (TASK_A, TASK_B)
+
+
+@dataclass(frozen=True)
+class KitLayout:
+    """Paths of a built kit (what the `offline_kit_dir` test fixture returns)."""
+
+    root: Path
+    text_tokenizer: Path
+    fast_tokenizer: Path
+    policy: Path
+    datasets: dict[str, Path]
+
+    @classmethod
+    def at(cls, root: str | Path, task_names: tuple[str, ...] = (TASK_A.name, TASK_B.name)) -> "KitLayout":
+        root = Path(root)
+        return cls(
+            root=root,
+            text_tokenizer=root / "tokenizers" / "text",
+            fast_tokenizer=root / "tokenizers" / "fast",
+            policy=root / "policy",
+            datasets={name: root / "datasets" / name for name in task_names},
+        )
+
+
+def build_kit(
+    output_dir: str | Path, settings: KitSettings = KitSettings(), log: Callable[[str], None] = print
+) -> KitLayout:
+    """Write the whole kit to `output_dir` (which must not already contain one)."""
+    layout = KitLayout.at(output_dir, tuple(t.name for t in settings.tasks))
+    if layout.policy.exists():
+        raise FileExistsError(f"{layout.policy} already exists: choose an empty --output_dir")
+    start = time.perf_counter()
+
+    def step(msg: str) -> None:
+        log(f"[offline_kit {time.perf_counter() - start:5.1f}s] {msg}")
+
+    for spec in settings.tasks:
+        step(f"dataset {spec.name}: {settings.episodes} episodes x {settings.frames} frames")
+        make_dataset(spec, layout.datasets[spec.name], settings.seed, settings.episodes, settings.frames,
+                     settings.fps, settings.camera)
+    metas = {s.name: LeRobotDatasetMetadata(s.name, root=layout.datasets[s.name]) for s in settings.tasks}
+
+    step("FAST action tokenizer (fit on normalised action chunks of every task)")
+    chunks = [c for s in settings.tasks for c in _normalised_chunks(layout.datasets[s.name], s.name, settings)]
+    fast = FASTActionTokenizer.fit(chunks, vocab_size=settings.fast_vocab_size)
+    fast.save_pretrained(layout.fast_tokenizer)
+
+    step("text tokenizer")
+    text = build_text_tokenizer(_prompt_corpus(settings.tasks), fast.vocab_size, settings.fast_skip_tokens,
+                                settings.text_vocab_size)
+    text.save_pretrained(layout.text_tokenizer)  # AutoTokenizer.from_pretrained(dir) loads it
+
+    first = settings.tasks[0]
+    sizes = TinySizes(vocab_size=len(text))
+    config = PI0FastConfig(
+        device="cpu",
+        chunk_size=settings.chunk_size,
+        n_action_steps=settings.chunk_size,
+        image_resolution=(sizes.image_size, sizes.image_size),
+        tokenizer_max_length=settings.tokenizer_max_length,
+        max_action_tokens=settings.max_action_tokens,
+        max_decoding_steps=settings.max_action_tokens,
+        fast_skip_tokens=settings.fast_skip_tokens,
+        text_tokenizer_name=str(layout.text_tokenizer.resolve()),
+        action_tokenizer_name=str(layout.fast_tokenizer.resolve()),
+        push_to_hub=False,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded init + training, caller's RNG untouched
+        torch.manual_seed(settings.seed)
+        with tiny_pi0fast(sizes):
+            policy = make_policy(config, ds_meta=metas[first.name])  # also fills config's features
+        preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=metas[first.name].stats)
+        n_params = sum(p.numel() for p in policy.parameters())
+        step(f"tiny pi0-fast: {n_params / 1e6:.2f}M parameters; training {settings.train_steps} steps on {first.name}")
+        step_time = train_policy(policy, preprocessor, layout.datasets[first.name], first.name, settings)
+    step(f"trained: {step_time * 1e3:.1f} ms/step (preprocess + forward + backward + AdamW); checking select_action")
+    check_inference(policy, preprocessor, layout.datasets[first.name], first.name, settings)
+
+    save_policy(policy, layout.policy)
+    preprocessor.save_pretrained(layout.policy)
+    postprocessor.save_pretrained(layout.policy)
+    step(f"done in {time.perf_counter() - start:.1f}s")
+    return layout
+
+
+def train_policy(policy, preprocessor, dataset_root: Path, name: str, settings: KitSettings) -> float:
+    """Plain AdamW training of `policy` on one dataset; returns the mean step time in seconds.
+
+    Runs single-threaded (see `single_thread`).
+    """
+    dataset = _open_dataset(dataset_root, name, settings)
+    frames = [dataset[i] for i in range(len(dataset))]  # decode the few frames once, not every epoch
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = torch.utils.data.DataLoader(frames, batch_size=settings.batch_size, shuffle=True,
+                                         generator=generator, drop_last=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr)
+    policy.train()
+    steps, elapsed = 0, 0.0
+    with single_thread():
+        while steps < settings.train_steps:
+            for batch in loader:
+                t0 = time.perf_counter()
+                loss, _ = policy.forward(preprocessor(batch))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                elapsed += time.perf_counter() - t0
+                steps += 1
+                if steps == settings.train_steps:
+                    break
+    policy.eval()
+    return elapsed / max(steps, 1)
+
+
+def check_inference(policy, preprocessor, dataset_root: Path, name: str, settings: KitSettings) -> None:
+    """Fail early if `select_action` cannot decode (lerobot asserts the "Action:" prefix)."""
+    dataset = _open_dataset(dataset_root, name, settings)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
+    observation = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
+    try:
+        policy.reset()
+        with single_thread():
+            policy.select_action(preprocessor(observation))
+    except AssertionError as exc:
+        raise RuntimeError(f"the tiny policy cannot decode actions yet; raise --train_steps ({exc})") from exc
+    finally:
+        policy.reset()
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch single-threaded inside the block, restoring the thread count after.
+
+    The toy matrices are too small for intra-op threads, which only contend for the cores: measured
+    on 2 shared CPU cores, ~30 ms per training step with 1 thread against 100-400 ms with 2.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _open_dataset(root: Path, name: str, settings: KitSettings) -> LeRobotDataset:
+    deltas = [i / settings.fps for i in range(settings.chunk_size)]
+    return LeRobotDataset(name, root=root, delta_timestamps={"action": deltas})
+
+
+def _normalised_chunks(root: Path, name: str, settings: KitSettings) -> list[np.ndarray]:
+    """Every action chunk of a dataset, mean/std-normalised like lerobot's preprocessor does."""
+    dataset = _open_dataset(root, name, settings)
+    stats = dataset.meta.stats["action"]
+    mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
+    actions = np.asarray(dataset.hf_dataset.with_format("numpy")["action"])  # [N, D] per frame
+    episode = np.asarray(dataset.hf_dataset.with_format("numpy")["episode_index"])
+    normalised = (actions - mean) / (std + 1e-8)
+    chunks = []
+    for e in np.unique(episode):
+        ep = normalised[episode == e]
+        for t in range(len(ep)):  # lerobot repeats the last frame past the episode end
+            idx = np.minimum(np.arange(t, t + settings.chunk_size), len(ep) - 1)
+            chunks.append(ep[idx])
+    return chunks
+
+
+def _prompt_corpus(tasks: tuple[TaskSpec, ...]) -> list[str]:
+    """Prompts in lerobot's pi0-fast format with every discretised state value 0..255."""
+    corpus = []
+    for spec in tasks:
+        for v in range(256):
+            state = " ".join(str((v + 37 * i) % 256) for i in range(spec.state_dim))
+            corpus.append(f"Task: {spec.prompt}, State: {state};\n")
+    return corpus

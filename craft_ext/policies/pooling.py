@@ -1,0 +1,36 @@
+"""Pool prefix hidden states into what the anchor cache stores and the retention loss compares.
+
+Policy-agnostic: works on any adapter's PrefixHidden.
+  pooled: per layer, [mean over valid image tokens, last valid text token] -> [B, L, 2, D], no mask.
+  tokens: every prefix token -> [B, L, T, D] with the prefix's token mask [B, T].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from craft_ext.policies.base import PrefixHidden
+
+POOLING_MODES = ("pooled", "tokens")
+
+
+def pool(prefix: PrefixHidden, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values, mask) of `prefix` in pooling `mode` (one of POOLING_MODES)."""
+    if mode == "tokens":
+        return prefix.hidden, prefix.token_mask
+    if mode != "pooled":
+        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
+
+    hidden = prefix.hidden  # [B, L, T, D]
+    image = (prefix.image_mask & prefix.token_mask).float()  # [B, T]
+    count = image.sum(dim=1).clamp(min=1)[:, None, None]  # [B, 1, 1]; no valid image -> zeros
+    image_mean = (torch.einsum("bltd,bt->bld", hidden.float(), image) / count).to(hidden.dtype)
+
+    text = prefix.token_mask & ~prefix.image_mask
+    if not bool(text.any(dim=1).all()):
+        raise ValueError("pooled mode needs at least one valid text token in every sample")
+    positions = torch.arange(text.shape[1], device=text.device)
+    last = torch.where(text, positions, -1).amax(dim=1)  # [B] index of the last valid text token
+    index = last[:, None, None, None].expand(-1, hidden.shape[1], 1, hidden.shape[3])
+    last_text = hidden.gather(2, index).squeeze(2)  # [B, L, D]
+    return torch.stack([image_mean, last_text], dim=2), None

@@ -1,0 +1,41 @@
+"""Shared test setup: offline Hugging Face caches and the offline kit, built once per session.
+
+The environment variables are set at import time, before any test module imports transformers or
+lerobot: transformers reads HF_HOME when it is imported (it copies the FAST tokenizer's module into
+HF_HOME/modules), so setting them later would be too late.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HF_ROOT = Path(tempfile.mkdtemp(prefix="craft-tests-hf-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_HF_ROOT / "hf_home")
+os.environ["HF_LEROBOT_HOME"] = str(_HF_ROOT / "lerobot_home")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_hf_home():
+    yield _HF_ROOT
+    shutil.rmtree(_HF_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def offline_kit_dir(tmp_path_factory) -> Path:
+    """DIR of the offline kit, built once per session with the CLI's defaults (~10-20 s):
+    DIR/tokenizers/{text,fast}, DIR/policy (tiny pi0-fast trained on task A), DIR/datasets/{task_a,task_b}.
+
+    `craft_ext.offline_kit.build.KitLayout.at(DIR)` gives the same paths as attributes. Read-only:
+    tests that modify a checkpoint copy it first.
+    """
+    from craft_ext.offline_kit.build import build_kit
+
+    root = tmp_path_factory.mktemp("offline_kit")
+    build_kit(root, log=lambda _msg: None)
+    return root
