@@ -200,14 +200,20 @@ def machine_info(device: str) -> dict:
     }
 
 
-def run(args) -> dict:
-    device, dtype = args.device, getattr(torch, args.dtype)
+def gradients(args) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The layout's tensor sizes and flat task / retention gradients on it (conflicting: cos < 0)."""
     numels = layout(args.layout, args.scale, args.uniform_n, args.uniform_count)
-    n = sum(numels)
-    elem = torch.empty((), dtype=dtype).element_size()
+    dtype = getattr(torch, args.dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
-    t0 = torch.randn(n, generator=g).to(dtype).to(device)
-    r0 = (-0.3 * t0.float().cpu() + torch.randn(n, generator=g)).to(dtype).to(device)  # conflicting
+    t0 = torch.randn(sum(numels), generator=g)
+    r0 = -0.3 * t0 + torch.randn(sum(numels), generator=g)
+    return numels, t0.to(dtype).to(args.device), r0.to(dtype).to(args.device)
+
+
+def run(args) -> dict:
+    device = args.device
+    numels, t0, r0 = gradients(args)
+    n, elem = t0.numel(), t0.element_size()
     t_flat, r_flat = t0.clone(), r0.clone()
     T, R = views(t_flat, numels), views(r_flat, numels)
 
@@ -314,13 +320,9 @@ def engine_ours(model: LayoutModel, bufs: GradBuffers) -> None:
 
 
 def run_engine(args) -> dict:
-    device, dtype = args.device, getattr(torch, args.dtype)
-    numels = layout(args.layout, args.scale, args.uniform_n, args.uniform_count)
-    n = sum(numels)
-    elem = torch.empty((), dtype=dtype).element_size()
-    g = torch.Generator(device="cpu").manual_seed(0)
-    t0 = torch.randn(n, generator=g).to(dtype).to(device)
-    r0 = (-0.3 * t0.float().cpu() + torch.randn(n, generator=g)).to(dtype).to(device)  # conflicting
+    device = args.device
+    numels, t0, r0 = gradients(args)
+    n, elem = t0.numel(), t0.element_size()
     model = LayoutModel(numels, t0, r0)
     grad_bytes = n * elem
 
