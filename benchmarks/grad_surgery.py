@@ -238,7 +238,7 @@ def run(args) -> dict:
             torch.testing.assert_close(t_flat.float(), expected, rtol=2e-2, atol=2e-2, msg=f"{name} disagrees")
 
     bytes_moved = 5 * n * elem
-    src = torch.empty(math.ceil(2.5 * n), dtype=dtype, device=device)
+    src = torch.empty(math.ceil(2.5 * n), dtype=t0.dtype, device=device)
     dst = torch.empty_like(src)
     copy_s = median_time(lambda: dst.copy_(src), device, args.repeats)
     del src, dst
