@@ -11,7 +11,7 @@ namespace craft::cpu {
 namespace {
 
 template <typename T>
-void combine_range(T* a, const T* b, float c0, float c1, int64_t n) {
+CRAFT_CPU_CLONES void combine_range(T* a, const T* b, float c0, float c1, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] = static_cast<T>(c0 * to_float(a[i]) + c1 * to_float(b[i]));
 }
 

@@ -15,7 +15,7 @@ namespace craft::cpu {
 namespace {
 
 template <typename T>
-void stats_range(const T* a, const T* b, int64_t n, double* out) {
+CRAFT_CPU_CLONES void stats_range(const T* a, const T* b, int64_t n, double* out) {
   double ab = 0, aa = 0, bb = 0;
   int64_t i = 0;
   for (; i + kFlush <= n; i += kFlush) {

@@ -25,7 +25,7 @@ int64_t valid_elements(const MseShape& s, const bool* mask, int64_t b) {
 }
 
 template <typename S, typename T>
-double squared_error(const S* x, const T* y, int64_t n) {
+CRAFT_CPU_CLONES double squared_error(const S* x, const T* y, int64_t n) {
   double total = 0;
   int64_t i = 0;
   for (; i + kFlush <= n; i += kFlush) {
