@@ -22,8 +22,8 @@ import torch
 
 __all__ = ["LagrangeMultiplier", "epsilon_schedule"]
 
-_CONTROLLERS = ("ascent", "pi")
-_SCHEDULES = ("constant", "linear", "cosine", "exponential")
+CONTROLLERS = ("ascent", "pi")
+SCHEDULES = ("constant", "linear", "cosine", "exponential")
 
 
 class LagrangeMultiplier:
@@ -44,8 +44,8 @@ class LagrangeMultiplier:
         ki: float = 1.0,
         ema: float = 0.0,
     ) -> None:
-        if controller not in _CONTROLLERS:
-            raise ValueError(f"controller={controller!r}: expected one of {_CONTROLLERS}")
+        if controller not in CONTROLLERS:
+            raise ValueError(f"controller={controller!r}: expected one of {CONTROLLERS}")
         if not (math.isfinite(max_value) and max_value >= 0):
             raise ValueError(f"max_value={max_value!r}: expected a finite number >= 0")
         if not (math.isfinite(init) and 0 <= init <= max_value):
@@ -112,8 +112,8 @@ def epsilon_schedule(step: int, start: float, end: float, decay_steps: int, kind
     ``linear``; ``cosine`` (half cosine, flat at both ends); ``exponential`` (geometric interpolation,
     a constant ratio per step, so it needs ``start`` and ``end`` > 0).
     """
-    if kind not in _SCHEDULES:
-        raise ValueError(f"kind={kind!r}: expected one of {_SCHEDULES}")
+    if kind not in SCHEDULES:
+        raise ValueError(f"kind={kind!r}: expected one of {SCHEDULES}")
     if step < 0:
         raise ValueError(f"step={step}: expected >= 0")
     if kind == "constant":

@@ -1,0 +1,182 @@
+"""python -m craft_ext.eval: how much did fine-tuning forget? Task losses, retention, backward transfer.
+
+    python -m craft_ext.eval \\
+        --base=lerobot/pi0fast-base-local \\
+        --checkpoints='[outputs/craft/checkpoints/last, outputs/plain/checkpoints/last]' \\
+        --datasets='{USER/old_task: null, USER/new_task: /data/new_task}' \\
+        --old_tasks='[USER/old_task]' --anchor_cache=anchors/base --output_dir=outputs/eval
+
+For every model (the base first) and dataset: the action-token cross-entropy on up to --max_frames
+frames, and the MSE of decoded action chunks against the dataset's (normalised units; frames whose
+tokens do not decode are counted, not scored). With --anchor_cache, the retention loss against the
+cached teacher. Relative to --base: per-dataset forgetting (loss - base loss; > 0 means worse) and
+backward transfer (the mean of base loss - loss over --old_tasks, by default every dataset; < 0 means
+forgetting). Writes eval.json and eval.png to --output_dir and prints a table.
+
+Each dataset is normalised with its own statistics, as lerobot-train does for the dataset it trains on.
+"""
+
+import datetime as dt
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lerobot.configs import parser
+from lerobot.datasets import LeRobotDatasetMetadata
+from lerobot.utils.constants import PRETRAINED_MODEL_DIR
+
+from .anchors.manifest import AnchorCacheError
+from .anchors.reader import AnchorCache
+from .anchors.validate import check_compatible
+from .evaluation import action_token_ce, decoded_action_mse, finite_or_none, load_eval_set, retention_on_cache
+from .policies import make_adapter
+from .policies.loading import load_policy, load_processors
+from .report import eval_table, plot_eval
+
+
+@dataclass
+class EvalConfig:
+    # Fine-tuned policies: lerobot checkpoint dirs (…/checkpoints/000100 or …/last) or pretrained_model dirs.
+    checkpoints: list[str] = field(default_factory=list)
+    # repo_id -> local root (null: lerobot's cache / the hub).
+    datasets: dict[str, str | None] = field(default_factory=dict)
+    # The model forgetting is measured against (usually the one fine-tuning started from).
+    base: str | None = None
+    # The datasets of tasks learned before fine-tuning: backward transfer averages over these (default: all).
+    old_tasks: list[str] | None = None
+    anchor_cache: str | None = None
+    output_dir: Path | None = None  # default: outputs/craft_eval/<date>/<time>
+    max_frames: int = 64  # per dataset, a seeded random subset
+    decode_frames: int = 16  # of those, decoded autoregressively for the action MSE (0 = skip)
+    batch_size: int = 16
+    retention_rows: int = 0  # anchor rows to score (0 = all)
+    device: str | None = None  # default: cuda if available, else cpu
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.checkpoints and self.base is None:
+            raise ValueError("nothing to evaluate: pass --checkpoints='[DIR, ...]' and/or --base=DIR")
+        if not self.datasets and self.anchor_cache is None:
+            raise ValueError("nothing to evaluate on: pass --datasets='{REPO_ID: ROOT}' and/or --anchor_cache=DIR")
+        for name in ("max_frames", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)}: expected >= 1")
+        for name in ("decode_frames", "retention_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)}: expected >= 0")
+        unknown = sorted(set(self.old_tasks or ()) - set(self.datasets))
+        if unknown:
+            raise ValueError(f"--old_tasks {unknown} are not among --datasets {sorted(self.datasets)}")
+        for repo_id, root in self.datasets.items():
+            if root is not None and not (Path(root) / "meta" / "info.json").is_file():
+                raise FileNotFoundError(f"--datasets: {repo_id} has no LeRobot dataset at {root}")
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate every model on every dataset (and the cache); write eval.json and eval.png."""
+    cfg.validate()
+    models = {label: path for label, path in _model_dirs(cfg)}
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = AnchorCache(cfg.anchor_cache) if cfg.anchor_cache is not None else None
+    stats = {repo_id: LeRobotDatasetMetadata(repo_id, root=root).stats for repo_id, root in cfg.datasets.items()}
+
+    results = {}
+    for label, path in models.items():
+        policy = load_policy(path, device=device)
+        entry = {"path": str(path), "datasets": {}}
+        for repo_id, root in cfg.datasets.items():
+            preprocessor, _ = load_processors(path, device=device, dataset_stats=stats[repo_id])
+            frames = load_eval_set(
+                repo_id, repo_id, root, policy.config, preprocessor,
+                max_frames=cfg.max_frames, batch_size=cfg.batch_size, seed=cfg.seed,
+            )  # fmt: skip
+            scores = {"frames": frames.frames, "ce": action_token_ce(policy, frames)}
+            if cfg.decode_frames > 0:
+                subset = load_eval_set(
+                    repo_id, repo_id, root, policy.config, preprocessor,
+                    max_frames=cfg.decode_frames, batch_size=cfg.batch_size, seed=cfg.seed,
+                )  # fmt: skip
+                mse, decoded = decoded_action_mse(policy, subset)
+                scores.update(action_mse=finite_or_none(mse), decoded=decoded, decode_frames=subset.frames)
+            entry["datasets"][repo_id] = scores
+        if cache is not None:
+            check_compatible(cache.manifest, make_adapter(policy))
+            entry["retention_loss"] = retention_on_cache(policy, cache, batch_size=cfg.batch_size, max_rows=cfg.retention_rows)
+        results[label] = entry
+        del policy
+
+    if cfg.base is not None:
+        _add_forgetting(results, "base", cfg.old_tasks or list(cfg.datasets))
+    out = cfg.output_dir or Path("outputs/craft_eval") / f"{dt.datetime.now():%Y-%m-%d/%H-%M-%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "base": cfg.base,
+        "datasets": cfg.datasets,
+        "anchor_cache": cfg.anchor_cache,
+        "models": results,
+        "json": str(out / "eval.json"),
+        "plot": str(out / "eval.png"),
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_eval(report, out / "eval.png")
+    return report
+
+
+def _model_dirs(cfg: EvalConfig) -> list[tuple[str, Path]]:
+    """(label, pretrained_model dir) for the base and each checkpoint; a missing one is an error."""
+    entries = ([("base", cfg.base)] if cfg.base is not None else []) + [(None, c) for c in cfg.checkpoints]
+    out = []
+    for label, raw in entries:
+        path = Path(raw)
+        if (path / PRETRAINED_MODEL_DIR).is_dir():
+            path = path / PRETRAINED_MODEL_DIR
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{raw} is not a saved policy or a checkpoint (no config.json)")
+        out.append((label or _label(path), path))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        out = [(f"{label} ({path})", path) for label, path in out]
+    return out
+
+
+def _label(policy_dir: Path) -> str:
+    """run/step for lerobot checkpoints (…/RUN/checkpoints/STEP/pretrained_model), else the dir name."""
+    resolved = policy_dir.resolve()
+    if resolved.name == PRETRAINED_MODEL_DIR and resolved.parent.parent.name == "checkpoints":
+        return f"{resolved.parent.parent.parent.name}/{resolved.parent.name}"
+    return policy_dir.name
+
+
+def _add_forgetting(results: dict, base_label: str, old_tasks: list[str]) -> None:
+    """Per dataset: loss - base loss; backward transfer: -(mean of that over the old tasks)."""
+    base = results[base_label]["datasets"]
+    for label, entry in results.items():
+        if label == base_label:
+            continue
+        for repo_id, scores in entry["datasets"].items():
+            scores["forgetting"] = scores["ce"] - base[repo_id]["ce"]
+        if old_tasks:
+            entry["backward_transfer"] = -sum(entry["datasets"][d]["forgetting"] for d in old_tasks) / len(old_tasks)
+
+
+@parser.wrap()
+def eval_cli(cfg: EvalConfig) -> dict:
+    return evaluate(cfg)
+
+
+def main() -> int:
+    try:
+        report = eval_cli()
+    except (ValueError, FileNotFoundError, AnchorCacheError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(eval_table(report))
+    print(f"\njson: {report['json']}\nplot: {report['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

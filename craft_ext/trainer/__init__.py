@@ -1,0 +1,14 @@
+"""The trainer behind `python -m craft_ext.train`: lerobot's factories around the CRaFT step.
+
+  factory     accelerator, datasets, policy, processors, dataloader (lerobot's factories)
+  checks      bad input caught before training (dataset, anchor cache, unsupported options)
+  step        one optimisation step: task and retention backward, surgery, optimiser
+  constraint  anchor batches, epsilon schedule, the multiplier lambda
+  checkpoint  lerobot's checkpoint layout + the CRaFT state, written atomically
+  metrics     metrics.jsonl, progress bar
+  loop        `train(cfg)`
+"""
+
+from .loop import NonFiniteTrainingError, TrainResult, train
+
+__all__ = ["NonFiniteTrainingError", "TrainResult", "train"]

@@ -1,0 +1,139 @@
+"""Checkpoints: lerobot's layout plus the CRaFT state, written atomically.
+
+    checkpoints/000100/
+        pretrained_model/     lerobot's: config.json, model.safetensors, train_config.json, processors
+                              (+ craft_tiny.json for a toy pi0-fast, so it reloads at its size)
+        training_state/       lerobot's: optimizer, scheduler, rng_state, training_step.json
+                              + craft_state.json: lambda and controller state, anchor sampler position,
+                              consecutive skipped steps
+    checkpoints/last -> 000100
+
+Why atomic: a crash while saving must never leave `last` pointing at a half-written checkpoint. Each
+checkpoint is written into a hidden temporary directory, fsynced, renamed into place, and only then
+does `last` move (a symlink swapped in with one rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lerobot.common.train_utils import get_step_checkpoint_dir, load_training_state, save_checkpoint
+from lerobot.utils.constants import LAST_CHECKPOINT_LINK, PRETRAINED_MODEL_DIR, TRAINING_STATE_DIR
+
+from ..offline_kit.tiny_model import write_tiny_marker
+
+CRAFT_STATE_FILE = "craft_state.json"
+CRAFT_STATE_VERSION = 1
+
+
+@dataclass
+class CraftState:
+    """What a resumed run needs beyond lerobot's training state to continue the same trajectory.
+
+    The epsilon schedule is a pure function of the step (restored by lerobot), so it needs no state.
+    """
+
+    enabled: bool
+    multiplier: dict[str, Any] | None = None  # LagrangeMultiplier.state_dict()
+    anchor_sampler: dict[str, int] | None = None  # AnchorLoader.state_dict()
+    consecutive_skips: int = 0
+    skipped_steps: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": CRAFT_STATE_VERSION, **self.__dict__}
+
+    @classmethod
+    def read(cls, checkpoint_dir: Path) -> "CraftState":
+        path = checkpoint_dir / TRAINING_STATE_DIR / CRAFT_STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: {checkpoint_dir} is not a craft_ext checkpoint (resume needs the CRaFT state)"
+            )
+        data = json.loads(path.read_text())
+        if data.pop("version", None) != CRAFT_STATE_VERSION:
+            raise ValueError(f"{path}: unsupported craft state version (expected {CRAFT_STATE_VERSION})")
+        return cls(**data)
+
+
+def save_training_checkpoint(output_dir: Path, step: int, total_steps: int, state: CraftState, **lerobot_kwargs) -> Path:
+    """Write checkpoint `step` atomically and point `last` at it; returns its directory.
+
+    `lerobot_kwargs` are `lerobot.common.train_utils.save_checkpoint`'s (cfg, policy, optimizer,
+    scheduler, preprocessor, postprocessor, num_processes, batch_size).
+    """
+    final = get_step_checkpoint_dir(output_dir, total_steps, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final.parent)
+    tmp = final.parent / f".{final.name}.tmp"
+    save_checkpoint(checkpoint_dir=tmp, step=step, **lerobot_kwargs)
+    write_tiny_marker(lerobot_kwargs["policy"], tmp / PRETRAINED_MODEL_DIR)
+    (tmp / TRAINING_STATE_DIR / CRAFT_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
+    _fsync_tree(tmp)
+
+    if final.exists():  # the same step saved again (after a resume): swap, never delete first
+        old = final.parent / f".{final.name}.old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    _point_last_at(final)
+    return final
+
+
+def load_training_checkpoint(checkpoint_dir: Path, optimizer, scheduler) -> tuple[int, CraftState]:
+    """Restore optimizer, scheduler and RNG (lerobot's loader); return (step, CRaFT state).
+
+    `last` is pointed at the resumed checkpoint: later checkpoints of an abandoned continuation may be
+    overwritten by this run, and `last` must never point at one while it is being replaced.
+    """
+    checkpoint_dir = checkpoint_dir.resolve()
+    state = CraftState.read(checkpoint_dir)  # first, so a foreign checkpoint fails before anything changes
+    step, _, _ = load_training_state(checkpoint_dir, optimizer, scheduler)
+    _point_last_at(checkpoint_dir)
+    return step, state
+
+
+def _point_last_at(checkpoint_dir: Path) -> None:
+    link = checkpoint_dir.parent / LAST_CHECKPOINT_LINK
+    tmp = checkpoint_dir.parent / f".{LAST_CHECKPOINT_LINK}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(checkpoint_dir.name)
+    os.replace(tmp, link)
+    _fsync_dir(checkpoint_dir.parent)
+
+
+def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
+    """Leftovers of a save that crashed: never referenced by `last`, safe to delete."""
+    for path in checkpoints_dir.glob(".*.tmp"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for path in checkpoints_dir.glob(".*.old"):
+        shutil.rmtree(path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
