@@ -24,6 +24,10 @@ from tqdm import tqdm
 
 import craft_ext
 
+from craft_ext.cli_logging import quiet_video_backend_warning
+
+quiet_video_backend_warning()
+
 from lerobot.configs import parser
 from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.datasets.factory import resolve_delta_timestamps

@@ -24,6 +24,10 @@ from pathlib import Path
 
 import torch
 
+from craft_ext.cli_logging import quiet_video_backend_warning
+
+quiet_video_backend_warning()
+
 from lerobot.configs import parser
 from lerobot.datasets import LeRobotDatasetMetadata
 from lerobot.utils.constants import PRETRAINED_MODEL_DIR

@@ -14,8 +14,12 @@ synthetic tasks, CRaFT vs plain fine-tuning, a table, report.json and a plot.
 
 import sys
 
-from lerobot.configs import parser
-from lerobot.utils.utils import init_logging
+from .cli_logging import quiet_video_backend_warning
+
+quiet_video_backend_warning()
+
+from lerobot.configs import parser  # noqa: E402
+from lerobot.utils.utils import init_logging  # noqa: E402
 
 from .anchors.manifest import AnchorCacheError
 from .config import CraftTrainPipelineConfig

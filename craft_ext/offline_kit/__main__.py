@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-
 import datasets
 
+from craft_ext.cli_logging import quiet_video_backend_warning
 from craft_ext.offline_kit.build import KitSettings, build_kit
 
 
@@ -20,8 +19,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="training steps of the tiny pi0-fast on task A")
     args = parser.parse_args(argv)
     datasets.disable_progress_bars()  # one "Map" bar per saved episode otherwise
-    # lerobot logs a long traceback each time torchcodec cannot find FFmpeg; the kit stores no video.
-    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
+    quiet_video_backend_warning()  # the kit stores no video
     layout = build_kit(args.output_dir, dataclasses.replace(defaults, seed=args.seed, train_steps=args.train_steps))
     print(f"\n{layout.root}/")
     print(f"  tokenizers/text   {layout.text_tokenizer}")
