@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..durable import fsync_path
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 POOLING_MODES = ("pooled", "tokens")
@@ -192,16 +194,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable: fsync the directory entry."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..durable import fsync_path
+
 from .manifest import (
     HIDDEN_DTYPES,
     HIDDEN_KEY,
@@ -27,7 +29,6 @@ from .manifest import (
     BuildSettings,
     Manifest,
     ShardRecord,
-    fsync_dir,
     read_json,
     read_manifest,
     sha256_file,
@@ -165,7 +166,7 @@ class AnchorCacheWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(self.directory)
+        fsync_path(self.directory)
         record = ShardRecord(path.name, hidden.shape[0], hashlib.sha256(data).hexdigest(), len(data))
         self._records[index] = record
         self._wrote = True

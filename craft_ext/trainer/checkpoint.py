@@ -25,6 +25,8 @@ from typing import Any
 from lerobot.common.train_utils import get_step_checkpoint_dir, load_training_state, save_checkpoint
 from lerobot.utils.constants import LAST_CHECKPOINT_LINK, PRETRAINED_MODEL_DIR, TRAINING_STATE_DIR
 
+from ..durable import fsync_path, fsync_tree
+
 from ..offline_kit.tiny_model import write_tiny_marker
 
 CRAFT_STATE_FILE = "craft_state.json"
@@ -73,7 +75,7 @@ def save_training_checkpoint(output_dir: Path, step: int, total_steps: int, stat
     save_checkpoint(checkpoint_dir=tmp, step=step, **lerobot_kwargs)
     write_tiny_marker(lerobot_kwargs["policy"], tmp / PRETRAINED_MODEL_DIR)
     (tmp / TRAINING_STATE_DIR / CRAFT_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
 
     if final.exists():  # the same step saved again (after a resume): swap, never delete first
         old = final.parent / f".{final.name}.old"
@@ -82,7 +84,7 @@ def save_training_checkpoint(output_dir: Path, step: int, total_steps: int, stat
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     _point_last_at(final)
     return final
 
@@ -106,7 +108,7 @@ def _point_last_at(checkpoint_dir: Path) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(checkpoint_dir.name)
     os.replace(tmp, link)
-    _fsync_dir(checkpoint_dir.parent)
+    fsync_path(checkpoint_dir.parent)
 
 
 def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
@@ -118,22 +120,3 @@ def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
             path.unlink()
     for path in checkpoints_dir.glob(".*.old"):
         shutil.rmtree(path)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
