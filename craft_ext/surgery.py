@@ -92,12 +92,13 @@ class FlatGrads:
 class GradBuffers:
     """Task (T) and retention (R) gradient storage for a module's trainable parameters.
 
-    Frozen parameters (``requires_grad=False``) are skipped and tied parameters appear once. The
+    Frozen parameters (``requires_grad=False``) are skipped and tied parameters appear once; with
+    ``retention=False`` only T is allocated (``retain`` is None: plain fine-tuning). The
     buffers are built for the parameters' dtypes and devices at construction: after ``model.to(...)``
     build a new ``GradBuffers`` (``use`` says so if you forget).
     """
 
-    def __init__(self, params: Union[nn.Module, Iterable[nn.Parameter]]) -> None:
+    def __init__(self, params: Union[nn.Module, Iterable[nn.Parameter]], *, retention: bool = True) -> None:
         named = _trainable(params)
         if not named:
             raise ValueError("GradBuffers: no trainable parameters (all frozen, or an empty module)")
@@ -105,7 +106,8 @@ class GradBuffers:
         self.params: tuple[nn.Parameter, ...] = tuple(p for _, p in named)
         _check_layout(self.names, self.params)
         self.task = FlatGrads(list(self.params))
-        self.retain = FlatGrads(list(self.params))
+        # Without retention (plain fine-tuning) there is no R: no second gradient's worth of memory.
+        self.retain = FlatGrads(list(self.params)) if retention else None
         self._built_for = tuple((p.dtype, p.device) for p in self.params)
         self._active = self.task
         self._bind(self.task)
@@ -118,6 +120,8 @@ class GradBuffers:
         """
         if which not in ("task", "retain"):
             raise ValueError(f"which={which!r}: expected 'task' or 'retain'")
+        if which == "retain" and self.retain is None:
+            raise ValueError("GradBuffers was built with retention=False: it has no retention storage")
         for name, p, bound, built_for in zip(self.names, self.params, self._active.grads, self._built_for):
             if p.grad is not None and p.grad is not bound:
                 raise RuntimeError(
@@ -139,7 +143,7 @@ class GradBuffers:
 
 def surgery_(
     task: Union[FlatGrads, torch.Tensor],
-    retain: Union[FlatGrads, torch.Tensor],
+    retain: Union[FlatGrads, torch.Tensor, None],
     lam: Union[float, torch.Tensor],
     *,
     project: bool = True,
@@ -154,7 +158,8 @@ def surgery_(
     a float or a 0-d tensor on the buffers' device. Conflict means cos(T, R) < ``tau``; with ``project``
     a conflicting T is replaced by its projection orthogonal to R (PCGrad) before the merge. ``mode``:
     ``weighted`` G = T' + lam R, ``equal`` G = (T' + R) / 2, ``task_priority`` G = T' + min(lam, 1) R.
-    R == 0 gives G = T exactly in every mode. ``max_norm`` clips G like ``clip_grad_norm_`` at no extra
+    R == 0 gives G = T exactly in every mode; ``retain=None`` means no retention gradient at all (plain
+    fine-tuning without an R buffer): G = T, clipped, in one scaling pass. ``max_norm`` clips G like ``clip_grad_norm_`` at no extra
     cost (folded into alpha and beta). With a ``scaler`` (both losses scaled by it) the stats are
     unscaled and G stays scaled for ``scaler.step``/``scaler.unscale_``, which also skip a non-finite G.
 
@@ -173,8 +178,16 @@ def surgery_(
     return out
 
 
-def surgery_stats(task: Union[FlatGrads, torch.Tensor], retain: Union[FlatGrads, torch.Tensor]) -> torch.Tensor:
-    """float32[3] = (T.R, |T|^2, |R|^2) summed over the dtype groups, on the buffers' device."""
+def surgery_stats(task: Union[FlatGrads, torch.Tensor], retain: Union[FlatGrads, torch.Tensor, None]) -> torch.Tensor:
+    """float32[3] = (T.R, |T|^2, |R|^2) summed over the dtype groups, on the buffers' device
+    ((0, |T|^2, 0) when ``retain`` is None)."""
+    if retain is None:
+        only_tt = None
+        for t in _flats(task, "task"):
+            tt = ops.grad_stats(t, t)[1]
+            only_tt = tt if only_tt is None else only_tt + tt
+        zero = torch.zeros_like(only_tt)
+        return torch.stack([zero, only_tt, zero])
     pairs = _pairs(task, retain)
     stats = ops.grad_stats(*pairs[0])
     for t, r in pairs[1:]:
@@ -242,9 +255,15 @@ def surgery_coefficients(
 
 
 def merge_(
-    task: Union[FlatGrads, torch.Tensor], retain: Union[FlatGrads, torch.Tensor], coefficients: dict[str, torch.Tensor]
+    task: Union[FlatGrads, torch.Tensor],
+    retain: Union[FlatGrads, torch.Tensor, None],
+    coefficients: dict[str, torch.Tensor],
 ) -> None:
-    """T <- alpha T + beta R in place, one fused pass per dtype group."""
+    """T <- alpha T + beta R in place, one fused pass per dtype group (T <- alpha T without R)."""
+    if retain is None:
+        for t in _flats(task, "task"):
+            t.mul_(coefficients["alpha"])
+        return
     coef = torch.stack([coefficients["alpha"], coefficients["beta"]]).float()
     for t, r in _pairs(task, retain):
         ops.grad_combine_(t, r, coef)

@@ -254,6 +254,28 @@ def test_clip_matches_clip_grad_norm(max_norm):
         assert torch.cat([g.flatten() for g in fused_grads]).norm().item() == pytest.approx(max_norm, rel=1e-4)
 
 
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_task_only_buffers_hold_no_retention_storage_and_clip_like_torch(max_norm):
+    """Plain fine-tuning: GradBuffers(retention=False) allocates T only; surgery_ with retain=None is
+    G = T (clipped like clip_grad_norm_), with the metrics of a step without retention."""
+    torch.manual_seed(0)
+    model, twin = Tiny(), Tiny()
+    twin.load_state_dict(model.state_dict())
+    bufs = GradBuffers(model, retention=False)
+    assert bufs.retain is None
+    with pytest.raises(ValueError, match="retention=False"):
+        bufs.use("retain")
+    _losses(model, seed=3)[0].backward()
+    _losses(twin, seed=3)[0].backward()
+    out = surgery_(bufs.task, None, 0.7, max_norm=max_norm)
+    trainable = [p for p in twin.parameters() if p.requires_grad]
+    torch_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm if max_norm else float("inf"))
+    torch.testing.assert_close(out["grad_norm"], torch_norm.float(), rtol=1e-3, atol=0)  # bf16 group
+    assert out["found_inf"] == 0 and out["conflict"] == 0 and out["beta"] == 0 and out["retain_norm"] == 0
+    for p, q in zip(bufs.params, trainable):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
 def test_clip_coefficient():
     assert clip_coefficient(torch.tensor(4.0), 2.0).item() == pytest.approx(2.0 / (4.0 + 1e-6))
     assert clip_coefficient(torch.tensor(1.0), 2.0).item() == 1.0
@@ -405,11 +427,12 @@ def test_step_makes_no_host_reads():
     assert set(outs[0]) == {"cos", "conflict", "alpha", "beta", "task_norm", "retain_norm", "grad_norm", "found_inf"}
 
 
-def test_step_runs_on_meta_tensors():
+@pytest.mark.parametrize("retention", [True, False])
+def test_step_runs_on_meta_tensors(retention):
     # A meta tensor has no data: any data-dependent host read (item, bool, nonzero, ...) raises here.
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
-    bufs = GradBuffers(model)
+    bufs = GradBuffers(model, retention=retention)
     out = _step(bufs, 0.3)
     assert all(v.device.type == "meta" and v.shape == () for v in out.values())
 

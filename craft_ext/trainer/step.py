@@ -2,8 +2,9 @@
 
 Gradients live in `GradBuffers`: the task backward fills T, the retention backward (on retention
 steps) fills R, `surgery_` writes G = alpha T + beta R into T with clipping folded in, and the
-optimiser steps on T's views. R is zero outside retention steps, which makes G = T exactly there and
-for `--craft.enable=false`: the baseline runs the same code.
+optimiser steps on T's views. R is zero outside retention steps, which makes G = T exactly there; with
+`--craft.enable=false` there is no R at all (no second gradient's worth of memory) and `surgery_` only
+clips T: the baseline runs the same code otherwise.
 
 Host synchronisation: exactly one per step, `StepOutput.read()`, after the merge and before the
 optimiser. It is needed there: a non-finite step must be skipped before the optimiser applies it,
@@ -71,7 +72,7 @@ class CraftStep:
     ) -> None:
         if accelerator.scaler is not None:
             raise ValueError("fp16 mixed precision (a GradScaler) is not supported by the CRaFT step: use bf16")
-        self.bufs = GradBuffers(policy)
+        self.bufs = GradBuffers(policy, retention=manifest is not None)  # plain runs hold no R
         self.adapter, self.optimizer, self.scheduler, self.accelerator = adapter, optimizer, scheduler, accelerator
         self.manifest, self.distance = manifest, distance
         self.surgery_options = {"project": project, "tau": tau, "mode": merge, "max_norm": max_norm}
