@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from lerobot.policies.common.vla_utils import prepare_attention_masks_4d
-from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+from lerobot.utils.constants import (
+    ACTION_TOKEN_MASK,
+    ACTION_TOKENS,
+    OBS_LANGUAGE_ATTENTION_MASK,
+    OBS_LANGUAGE_TOKENS,
+)
 
 from craft_ext.policies.base import PrefixHidden
 
@@ -99,9 +104,28 @@ class Pi0FastAdapter:
     # ---- losses and inputs -------------------------------------------------------------------------
 
     def task_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """pi0-fast's own training loss (next FAST-token cross-entropy) on a preprocessed batch."""
-        loss, _ = self.wrapped(batch)
-        return loss
+        """pi0-fast's own training loss (next FAST-token cross-entropy) on a preprocessed batch.
+
+        An unwrapped policy is run through its inner model, as `PI0FastPolicy.forward` does but without
+        that method's two `.item()` calls for its loss dict (each a host sync that stalls the step). A
+        wrapped one (DDP, accelerate) goes through the wrapper so that its hooks run.
+        """
+        if self.wrapped is not self.policy:
+            loss, _ = self.wrapped(batch)
+            return loss
+        if batch.get(ACTION_TOKENS) is None or batch.get(ACTION_TOKEN_MASK) is None:
+            raise ValueError(f"pi0-fast task loss: the batch needs {ACTION_TOKENS} and {ACTION_TOKEN_MASK} "
+                             "(run it through the checkpoint's preprocessor)")
+        images, img_masks = self.policy._preprocess_images(batch)
+        out = self.policy.model.forward(
+            images,
+            img_masks,
+            batch[OBS_LANGUAGE_TOKENS],
+            batch[OBS_LANGUAGE_ATTENTION_MASK],
+            batch[ACTION_TOKENS],
+            batch[ACTION_TOKEN_MASK],
+        )
+        return out["loss"]
 
     def anchor_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Cacheable model inputs of a preprocessed batch.
