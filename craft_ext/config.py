@@ -2,8 +2,8 @@
 
 Every lerobot-train flag keeps working (`--policy.path`, `--dataset.repo_id`, `--steps`, `--resume`,
 `--wandb.enable`, ...); CRaFT adds `--craft.*`. `--craft.enable=false` trains through the same loop
-with no retention gradient (R stays zero, so the merged gradient is exactly the task gradient): the
-plain fine-tuning baseline.
+with no retention gradient (no R buffer is allocated; the merged gradient is exactly the task gradient,
+clipped): the plain fine-tuning baseline.
 """
 
 from __future__ import annotations
