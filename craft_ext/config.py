@@ -17,7 +17,7 @@ from lerobot.configs.train import TrainPipelineConfig
 from .dual import CONTROLLERS, SCHEDULES
 from .policies import SUPPORTED_POLICY_TYPES
 from .retention import DISTANCES
-from .surgery import MODES
+from .surgery import MODES, PROJECT_MODES
 
 __all__ = ["CraftConfig", "CraftTrainPipelineConfig"]
 
@@ -58,8 +58,13 @@ class CraftConfig:
     epsilon_end: float = 0.05
     epsilon_schedule: str = "constant"
     epsilon_decay_steps: int = 0
-    # Project the task gradient off the retention gradient when cos(T, R) < tau (PCGrad).
-    project: bool = True
+    # When the step drops its component that raises L_ret (docs/architecture.md, "The step"):
+    # active = only while the constraint is violated (L_ret > epsilon_t) and the merged step would still
+    # raise L_ret; this solves "min L_task s.t. L_ret <= epsilon". always = PCGrad on the task gradient
+    # whenever cos(T, R) < tau, also with slack: protects more than asked and ends at a worse task loss
+    # (lambda -> 0 at a feasible point short of the optimum). never = the plain Lagrangian step.
+    project: str = "active"
+    # Cosine threshold of project=always (and of the conflict_rate metric); the other rules need 0.
     tau: float = 0.0
     # Merge G = a T' + b R: weighted (1, lambda), equal (1/2, 1/2), task_priority (1, min(lambda, 1)).
     merge: str = "weighted"
@@ -85,8 +90,11 @@ class CraftConfig:
             raise ValueError(f"--craft.lambda_init={self.lambda_init} exceeds --craft.lambda_max={self.lambda_max}")
         if not 0 <= self.pi_ema < 1:
             raise ValueError(f"--craft.pi_ema={self.pi_ema}: expected a number in [0, 1)")
+        _choice("project", self.project, PROJECT_MODES)
         if not -1 <= self.tau <= 1:
             raise ValueError(f"--craft.tau={self.tau}: a cosine threshold must be in [-1, 1]")
+        if self.tau != 0 and self.project != "always":
+            raise ValueError(f"--craft.tau={self.tau} applies only to --craft.project=always (here {self.project})")
         if self.enable and self.anchor_cache is None:
             raise ValueError(
                 "--craft.enable=true needs --craft.anchor_cache=DIR (build one with python -m "

@@ -1,8 +1,9 @@
 """The dual side of CRaFT: the Lagrange multiplier of the retention constraint and its epsilon schedule.
 
-DESIGN.md §2 step 8. The multiplier is updated once per optimisation step on the host from the
-(rank-averaged) retention loss: it is one number, so a host value is cheaper than a device tensor and
-its update costs the single host read of L_ret that the step already makes for logging.
+See docs/architecture.md, "The step". The multiplier is updated once per optimisation step on the
+host from the (rank-averaged) retention loss: it is one number, so a host value is cheaper than a device
+tensor and its update costs nothing beyond the step's single host read, which already carries L_ret
+for logging.
 
 Controllers, with the constraint violation ``e_t = L_ret - epsilon_t``:
 - ``ascent``: projected dual ascent ``lambda <- clip(lambda + lr * e_t, 0, max_value)``. On a
@@ -71,8 +72,8 @@ class LagrangeMultiplier:
     def update(self, retention_loss: float | torch.Tensor, epsilon: float) -> float:
         """One controller step on the violation ``retention_loss - epsilon``; returns the new lambda.
 
-        In multi-process training pass the loss averaged over ranks (``distributed.mean_across_ranks``)
-        so every rank computes the same lambda.
+        In multi-process training pass the loss averaged over ranks (``distributed.all_reduce_mean_`` on
+        the device, read on the host with the step's other scalars) so every rank computes the same lambda.
         """
         loss = float(retention_loss)
         if not math.isfinite(loss):

@@ -1,4 +1,4 @@
-"""Flat gradient buffers and the CRaFT gradient surgery (DESIGN.md §2, steps 1-6).
+"""Flat gradient buffers and the CRaFT gradient surgery (docs/architecture.md, "The step").
 
 Why flat buffers: the task gradient T and the retention gradient R each live in one contiguous 1-D
 buffer per dtype group, and every ``param.grad`` is a view into the active one. Switching between T and
@@ -7,9 +7,9 @@ R is re-pointing ``param.grad`` (no copy), and the surgery is two fused passes o
 memory beyond plain training is R.
 
 Why no host synchronisation: the conflict test, the projection and the merge weights are computed
-from the three scalars of ``grad_stats`` with tensor ops on the device, so a step never waits for the
-GPU. Non-finite gradients are reported as a 0/1 tensor (like GradScaler's ``found_inf``) for the caller
-to act on, and the merged gradient is then made all-NaN so it can never be applied silently.
+from the three scalars of ``grad_stats`` (and the step's L_ret) with tensor ops on the device, so a
+step never waits for the GPU. Non-finite gradients are reported as a 0/1 tensor for the caller to act
+on, and the merged gradient is then made all-NaN so it can never be applied silently.
 
 Usage, one step::
 
@@ -17,9 +17,11 @@ Usage, one step::
     bufs.task.zero_(); bufs.use("task");   task_loss.backward()
     bufs.retain.zero_(); bufs.use("retain"); retention_loss.backward()
     bufs.use("task")                              # the optimiser reads param.grad = T's views
-    out = surgery_(bufs.task, bufs.retain, lam.value, max_norm=1.0)   # G written into T
+    out = surgery_(bufs.task, bufs.retain, lam.value, loss_ret=retention_loss.detach(), epsilon=eps,
+                   max_norm=1.0)                  # G written into T
     optimizer.step()
 
+On a step without a retention gradient pass ``retain=None``: G = T (clipped), one pass over T.
 Zero with ``FlatGrads.zero_`` rather than ``optimizer.zero_grad()``, whose default sets ``param.grad`` to
 None: a backward would then allocate fresh gradients outside the buffers (``use`` raises if so).
 """
@@ -47,10 +49,10 @@ __all__ = [
     "surgery_coefficients",
     "merge_",
     "clip_coefficient",
-    "loss_scale",
 ]
 
 MODES = ("weighted", "equal", "task_priority")
+PROJECT_MODES = ("active", "always", "never")
 _CLIP_EPS = 1e-6  # the epsilon of torch.nn.utils.clip_grad_norm_, so clipping matches it exactly
 
 
@@ -146,34 +148,59 @@ def surgery_(
     retain: Union[FlatGrads, torch.Tensor, None],
     lam: Union[float, torch.Tensor],
     *,
-    project: bool = True,
+    project: str = "active",
+    loss_ret: Union[float, torch.Tensor, None] = None,
+    epsilon: Union[float, torch.Tensor, None] = None,
     tau: float = 0.0,
     mode: str = "weighted",
     max_norm: Optional[float] = None,
-    scaler: Optional[torch.amp.GradScaler] = None,
 ) -> dict[str, torch.Tensor]:
     """Merge T and R into G = alpha T + beta R, written into ``task`` in place; no host sync.
 
-    ``task``/``retain``: ``FlatGrads`` or 1-D tensors of equal size and dtype. ``lam``: the multiplier,
-    a float or a 0-d tensor on the buffers' device. Conflict means cos(T, R) < ``tau``; with ``project``
-    a conflicting T is replaced by its projection orthogonal to R (PCGrad) before the merge. ``mode``:
-    ``weighted`` G = T' + lam R, ``equal`` G = (T' + R) / 2, ``task_priority`` G = T' + min(lam, 1) R.
-    R == 0 gives G = T exactly in every mode; ``retain=None`` means no retention gradient at all (plain
-    fine-tuning without an R buffer): G = T, clipped, in one scaling pass. ``max_norm`` clips G like ``clip_grad_norm_`` at no extra
-    cost (folded into alpha and beta). With a ``scaler`` (both losses scaled by it) the stats are
-    unscaled and G stays scaled for ``scaler.step``/``scaler.unscale_``, which also skip a non-finite G.
+    ``task``/``retain``: ``FlatGrads`` or 1-D tensors of equal size and dtype. ``retain=None`` is a step
+    without a retention gradient (plain fine-tuning, or a CRaFT step between retention steps): G = T,
+    clipped, in one pass over T. ``lam``: the multiplier, a float or a 0-d tensor on the buffers' device.
 
-    Returns 0-d float32 device tensors: ``cos``, ``conflict`` (0/1), ``alpha``, ``beta``, ``task_norm``,
-    ``retain_norm``, ``grad_norm`` (|G| before clipping, from the stats) and ``found_inf`` (0/1: T or R
-    had NaN/Inf; G is then all NaN, so skip the step). Sharded (FSDP2) buffers need
+    The merge is G0 = T + b R, with b by ``mode``: ``weighted`` lam, ``equal`` 1, ``task_priority``
+    min(lam, 1). T keeps weight 1 in every mode, as on steps without retention, so G is continuous in
+    R: G -> T as R -> 0 (an ``equal`` of (T + R) / 2 would halve the step on every retention step
+    with a small R). ``equal`` is the Lagrangian step with the multiplier pinned at 1.
+
+    ``project`` says when the part of the step that raises L_ret is removed:
+
+    - ``active`` (default): only while the constraint is violated (``loss_ret > epsilon``, compared on
+      the device) and the merged step would still raise L_ret to first order (G0.R < 0); then G is G0
+      without its component along R (A-GEM's projection of the Lagrangian step), i.e. G = T - (T.R /
+      |R|^2) R. With slack it is the plain Lagrangian step, so the constrained optimum, where G0 = 0, is
+      a fixed point of the iteration. (Projecting T instead, as ``always`` does, while violated
+      removes the task pull only on one side of the boundary: on the toy problem x then chatters in
+      [0.89, 1.1] and lambda settles near 1, not 2.) Needs ``loss_ret`` (this step's L_ret, a 0-d device
+      tensor or a float) and ``epsilon``.
+    - ``always``: PCGrad on T whenever cos(T, R) < ``tau``, slack or not: G = T - (T.R/|R|^2) R + b R.
+      At an active constraint's optimum T and R are anti-parallel, so T' + lam R cannot vanish there:
+      the iteration ends at a feasible point with lambda -> 0 and gives away task loss (on
+      min (x-3)^2 s.t. x^2 <= 1: x ~ 0.3, lambda = 0 instead of x = 1, lambda = 2).
+    - ``never``: G = G0.
+
+    ``tau`` is the cosine threshold of ``always`` and of the ``conflict`` metric; the other rules need
+    tau = 0. ``max_norm`` clips G like ``clip_grad_norm_`` at no extra cost (folded into alpha and beta).
+
+    Returns 0-d float32 device tensors: ``cos``, ``conflict`` (0/1: cos(T, R) < tau), ``projected``
+    (0/1: this step removed a component along R), ``alpha``, ``beta``, ``task_norm``, ``retain_norm``,
+    ``grad_norm`` (|G| before clipping, from the stats) and ``found_inf`` (0/1: T or R had NaN/Inf; G is
+    then all NaN, so skip the step). Sharded (FSDP2) buffers need
     ``craft_ext.distributed.sharded_surgery_`` (the stats must be summed over ranks).
     """
     if isinstance(task, FlatGrads) and task.sharded:
         raise ValueError("surgery_: these buffers hold FSDP2 shards; use craft_ext.distributed.sharded_surgery_")
     stats = surgery_stats(task, retain)
-    out = surgery_coefficients(
-        stats, lam, project=project, tau=tau, mode=mode, max_norm=max_norm, grad_scale=loss_scale(scaler)
-    )
+    if retain is None:
+        _check_options(lam, tau, mode, project)
+        out = surgery_coefficients(stats, 0.0, project="never", max_norm=max_norm)  # nothing to weigh: G = T
+    else:
+        out = surgery_coefficients(
+            stats, lam, project=project, loss_ret=loss_ret, epsilon=epsilon, tau=tau, mode=mode, max_norm=max_norm
+        )
     merge_(task, retain, out)
     return out
 
@@ -199,21 +226,22 @@ def surgery_coefficients(
     stats: torch.Tensor,
     lam: Union[float, torch.Tensor],
     *,
-    project: bool = True,
+    project: str = "active",
+    loss_ret: Union[float, torch.Tensor, None] = None,
+    epsilon: Union[float, torch.Tensor, None] = None,
     tau: float = 0.0,
     mode: str = "weighted",
     max_norm: Optional[float] = None,
-    grad_scale: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
-    """The surgery's decisions and merge weights from the stats alone (see ``surgery_``), on device.
-
-    ``grad_scale`` is the loss scale both gradients carry; the stats are unscaled by it, while alpha and
-    beta (scale-free ratios, times the clip factor) leave G with the same scale as T and R.
-    """
-    _check_options(lam, tau, mode)
+    """The surgery's decisions and merge weights from the stats (and L_ret) alone, on device (see
+    ``surgery_``, whose arguments these are)."""
+    _check_options(lam, tau, mode, project)
+    if project == "active" and (loss_ret is None or epsilon is None):
+        raise ValueError(
+            "project='active' projects only while the constraint is violated: pass loss_ret (this step's "
+            "retention loss) and epsilon, or choose project='always' or 'never'"
+        )
     stats = stats.float()
-    if grad_scale is not None:
-        stats = stats * grad_scale.float().reciprocal().square()
     dot, tt, rr = stats.unbind()
     found_inf = (~torch.isfinite(stats).all()).float()
     task_norm, retain_norm = tt.sqrt(), rr.sqrt()
@@ -221,23 +249,28 @@ def surgery_coefficients(
     cos = torch.where(both, dot / torch.where(both, task_norm * retain_norm, 1.0), 0.0).clamp(-1.0, 1.0)
     conflict = both & (cos < tau)
 
-    if isinstance(lam, torch.Tensor):
-        lam_t = lam.detach().to(device=stats.device, dtype=torch.float32)
-    else:
-        lam_t = torch.full((), float(lam), dtype=torch.float32, device=stats.device)
+    lam_t = _device_scalar(lam, stats.device)
     if mode == "weighted":
-        a, b = torch.ones_like(dot), lam_t
+        b = lam_t
     elif mode == "equal":
-        a, b = torch.full_like(dot, 0.5), torch.full_like(dot, 0.5)
+        b = torch.ones_like(dot)
     else:  # task_priority
-        a, b = torch.ones_like(dot), lam_t.clamp(max=1.0)
-    # T' = T - p R with p = T.R / |R|^2 on a conflict, so G = a T' + b R = a T + (b - a p) R.
-    proj = torch.where(conflict, dot / torch.where(both, rr, 1.0), 0.0) if project else torch.zeros_like(dot)
-    has_retain = rr > 0
-    alpha = torch.where(has_retain, a, 1.0)
-    beta = torch.where(has_retain, b - a * proj, 0.0)
+        b = lam_t.clamp(max=1.0)
+    # G = T + beta R. Removing R's component from a vector V: V - (V.R / |R|^2) R.
+    along = dot / torch.where(rr > 0, rr, 1.0)  # T.R / |R|^2
+    if project == "always":  # V = T: G = T' + b R
+        projected = conflict
+        beta = torch.where(projected, b - along, b)
+    elif project == "active":  # V = G0 = T + b R, while the constraint is violated: G = T'
+        violated = _device_scalar(loss_ret, stats.device) > _device_scalar(epsilon, stats.device)
+        projected = violated & (rr > 0) & (dot + b * rr < 0)
+        beta = torch.where(projected, -along, b)
+    else:
+        projected = torch.zeros_like(conflict)
+        beta = b
+    alpha = torch.ones_like(dot)
 
-    grad_norm = (alpha * alpha * tt + 2.0 * alpha * beta * dot + beta * beta * rr).clamp_min(0.0).sqrt()
+    grad_norm = (tt + 2.0 * beta * dot + beta * beta * rr).clamp_min(0.0).sqrt()
     if max_norm is not None:
         clip = clip_coefficient(grad_norm, max_norm)
         alpha, beta = alpha * clip, beta * clip
@@ -245,6 +278,7 @@ def surgery_coefficients(
     return {
         "cos": cos,
         "conflict": conflict.float(),
+        "projected": projected.float(),
         "alpha": alpha,
         "beta": beta,
         "task_norm": task_norm,
@@ -276,16 +310,6 @@ def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (max_norm / (grad_norm + _CLIP_EPS)).clamp(max=1.0)
 
 
-def loss_scale(scaler: Optional[torch.amp.GradScaler]) -> Optional[torch.Tensor]:
-    """The scaler's current scale as a device tensor (no host read), or None without an enabled scaler."""
-    if scaler is None or not scaler.is_enabled():
-        return None
-    scale = scaler._get_scale_async()  # the public get_scale() would read it on the host
-    if scale is None:
-        raise ValueError("scaler: it has not scaled a loss yet; call scaler.scale(loss).backward() first")
-    return scale
-
-
 def _pairs(task, retain) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Matching (T, R) flat buffers, validated on metadata only."""
     ts, rs = _flats(task, "task"), _flats(retain, "retain")
@@ -313,16 +337,29 @@ def _flats(x, name: str) -> tuple[torch.Tensor, ...]:
     raise TypeError(f"{name}: expected FlatGrads or a 1-D tensor, got {type(x).__name__}")
 
 
-def _check_options(lam, tau: float, mode: str) -> None:
+def _check_options(lam, tau: float, mode: str, project: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if project not in PROJECT_MODES:
+        raise ValueError(f"project={project!r}: expected one of {PROJECT_MODES}")
     if not -1.0 <= tau <= 1.0:
         raise ValueError(f"tau={tau!r}: a cosine threshold must be in [-1, 1]")
+    if tau != 0.0 and project != "always":
+        raise ValueError(f"tau={tau!r} applies only to project='always' (project={project!r} needs tau=0)")
     if isinstance(lam, torch.Tensor):
         if lam.dim() != 0:
             raise ValueError(f"lam: expected a float or a 0-d tensor, got shape {tuple(lam.shape)}")
     elif not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam={lam!r}: expected a finite number >= 0")
+
+
+def _device_scalar(x: Union[float, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A float32 0-d tensor on ``device`` without a host read (a float is filled in, not copied)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"expected a scalar tensor, got shape {tuple(x.shape)}")
+        return x.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
 def _trainable(params) -> list[tuple[str, nn.Parameter]]:

@@ -1,4 +1,7 @@
-"""The Lagrange multiplier's controllers and the epsilon schedules (DESIGN.md §2 step 8)."""
+"""The Lagrange multiplier's controllers and the epsilon schedules (docs/architecture.md, "The step").
+
+The same toy problem solved through surgery_ with each projection rule is in test_surgery.py.
+"""
 
 import copy
 import math

@@ -1,7 +1,10 @@
-"""The CRaFT step engine on one process: flat gradient buffers and surgery_ (DESIGN.md §2 steps 1-6).
+"""The CRaFT step engine on one process: flat gradient buffers and surgery_ (docs/architecture.md,
+"The step").
 
-Every merged gradient is checked against a float64 reference that follows DESIGN.md §2 literally
-(project T, then merge), with Python branches where the engine must use device-side selects.
+Every merged gradient is checked against a float64 reference that follows the projection rules as
+written (project T or the merged step, then merge), with Python branches where the engine must use
+device-side selects. The constrained toy problem min (x-3)^2 s.t. x^2 <= 1 is solved through surgery_
+and LagrangeMultiplier the way the trainer does it.
 """
 
 import contextlib
@@ -13,27 +16,37 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import craft_ext
+from craft_ext.dual import LagrangeMultiplier
 from craft_ext.surgery import GradBuffers, clip_coefficient, surgery_
 
 pytestmark = pytest.mark.skipif(not craft_ext.extension_available(), reason="craft_ext._C is not built")
 
 MODES = ("weighted", "equal", "task_priority")
+#: the projection rules with the arguments each needs: active once violated (L_ret > epsilon), once not
+RULES = {
+    "always": {"project": "always"},
+    "never": {"project": "never"},
+    "active_violated": {"project": "active", "loss_ret": 0.2, "epsilon": 0.1},
+    "active_slack": {"project": "active", "loss_ret": 0.05, "epsilon": 0.1},
+}
 
 
-def reference_step(t, r, lam, *, project=True, tau=0.0, mode="weighted"):
-    """G and the step's metrics in float64, DESIGN.md §2 steps 4-6 as written."""
+def reference_step(t, r, lam, *, project, loss_ret=None, epsilon=None, tau=0.0, mode="weighted"):
+    """G and the step's metrics in float64, each rule as its docstring states it."""
     t, r = t.double(), r.double()
     tn, rn = t.norm().item(), r.norm().item()
     cos = (t @ r).item() / (tn * rn) if tn > 0 and rn > 0 else 0.0
     conflict = tn > 0 and rn > 0 and cos < tau
-    if rn == 0:  # no retention gradient: the step is a plain task step
-        g = t.clone()
-    else:
-        if project and conflict:
-            t = t - (t @ r) / (r @ r) * r
-        a, b = {"weighted": (1.0, lam), "equal": (0.5, 0.5), "task_priority": (1.0, min(lam, 1.0))}[mode]
-        g = a * t + b * r
-    metrics = {"cos": cos, "conflict": float(conflict), "task_norm": tn, "retain_norm": rn}
+    b = {"weighted": lam, "equal": 1.0, "task_priority": min(lam, 1.0)}[mode]
+    g = t + b * r
+    projected = False
+    if project == "always" and conflict:
+        g = t - (t @ r) / (r @ r) * r + b * r
+        projected = True
+    elif project == "active" and loss_ret > epsilon and rn > 0 and (g @ r).item() < 0:
+        g = g - (g @ r) / (r @ r) * r
+        projected = True
+    metrics = {"cos": cos, "conflict": float(conflict), "projected": float(projected), "task_norm": tn, "retain_norm": rn}
     metrics["grad_norm"] = g.norm().item()
     return g, metrics
 
@@ -54,7 +67,7 @@ def check_step(t, r, lam, *, rtol, atol_scale, **options):
     scale = max(t.double().abs().max().item(), r.double().abs().max().item())  # rounding error scales with inputs
     out = surgery_(t, r, lam, **options)
     torch.testing.assert_close(t.double(), g_ref.to(t.dtype).double(), rtol=rtol, atol=atol_scale * scale)
-    # |G| comes from the stats (DESIGN.md §2.6, no extra pass): where G nearly cancels, its fp32 error is
+    # |G| comes from the stats (no extra pass): where G nearly cancels, its fp32 error is
     # about sqrt(eps) of the input norms rather than eps of |G|.
     norm_scale = metrics_ref["task_norm"] + max(lam, 1.0) * metrics_ref["retain_norm"]
     for key, expected in metrics_ref.items():
@@ -67,20 +80,35 @@ def check_step(t, r, lam, *, rtol, atol_scale, **options):
 
 def test_worked_2d_example():
     # T = (2, 0), R = (-1, 1):  T.R = -2, |T|^2 = 4, |R|^2 = 2, cos = -2 / (2 * sqrt 2) = -0.7071 < 0: conflict.
-    # Projection: T' = T - (T.R / |R|^2) R = (2, 0) + (-1, 1) = (1, 1); check T'.R = -1 + 1 = 0.
+    # always: T' = T - (T.R / |R|^2) R = (2, 0) + (-1, 1) = (1, 1); check T'.R = -1 + 1 = 0.
     # Weighted merge with lambda = 0.5: G = T' + 0.5 R = (0.5, 1.5), i.e. alpha = 1, beta = 0.5 + 1 = 1.5.
     # |G|^2 from the stats: 1*4 + 2*1*1.5*(-2) + 1.5^2 * 2 = 4 - 6 + 4.5 = 2.5 = 0.5^2 + 1.5^2.
-    t, r = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
-    out = surgery_(t, r, 0.5)
+    r = torch.tensor([-1.0, 1.0])
+    t = torch.tensor([2.0, 0.0])
+    out = surgery_(t, r, 0.5, project="always")
     assert t.tolist() == [0.5, 1.5]
-    assert out["conflict"].item() == 1.0
+    assert out["conflict"].item() == 1.0 and out["projected"].item() == 1.0
     assert out["cos"].item() == pytest.approx(-1 / math.sqrt(2))
     assert (out["alpha"].item(), out["beta"].item()) == (1.0, 1.5)
     assert out["grad_norm"].item() == pytest.approx(math.sqrt(2.5))
-    # Without projection the conflict is still reported but G = T + 0.5 R = (1.5, 0.5).
+    # never: the conflict is still reported but G = G0 = T + 0.5 R = (1.5, 0.5).
     t = torch.tensor([2.0, 0.0])
-    out = surgery_(t, r, 0.5, project=False)
-    assert t.tolist() == [1.5, 0.5] and out["conflict"].item() == 1.0
+    out = surgery_(t, r, 0.5, project="never")
+    assert t.tolist() == [1.5, 0.5] and out["conflict"].item() == 1.0 and out["projected"].item() == 0.0
+    # active with slack (L_ret <= epsilon): the Lagrangian step G0 = (1.5, 0.5).
+    t = torch.tensor([2.0, 0.0])
+    out = surgery_(t, r, 0.5, loss_ret=torch.tensor(0.1), epsilon=0.1)
+    assert t.tolist() == [1.5, 0.5] and out["projected"].item() == 0.0
+    # active, violated: G0.R = -1.5 + 0.5 = -1 < 0 would raise L_ret, so G = G0 - (G0.R / |R|^2) R
+    # = (1.5, 0.5) - (0.5, -0.5) = (1, 1) = T': alpha = 1, beta = -T.R / |R|^2 = 1.
+    t = torch.tensor([2.0, 0.0])
+    out = surgery_(t, r, 0.5, loss_ret=torch.tensor(0.2), epsilon=0.1)
+    assert t.tolist() == [1.0, 1.0] and out["projected"].item() == 1.0
+    assert (out["alpha"].item(), out["beta"].item()) == (1.0, 1.0)
+    # active, violated, but lambda = 3 already lowers L_ret: G0 = (-1, 3), G0.R = 4 > 0, no projection.
+    t = torch.tensor([2.0, 0.0])
+    out = surgery_(t, r, 3.0, loss_ret=torch.tensor(0.2), epsilon=0.1)
+    assert t.tolist() == [-1.0, 3.0] and out["projected"].item() == 0.0
 
 
 # (cosine of T and R, tau, whether that is a conflict)
@@ -88,69 +116,150 @@ COSINE_CASES = [(-0.6, 0.0, True), (0.5, 0.0, False), (0.2, 0.4, True), (-0.3, -
 
 
 @pytest.mark.parametrize("cos,tau,conflict", COSINE_CASES)
-@pytest.mark.parametrize("project", [True, False])
 @pytest.mark.parametrize("mode", MODES)
-def test_step_matches_float64_reference(mode, project, cos, tau, conflict):
+def test_always_rule_matches_float64_reference(mode, cos, tau, conflict):
     t, r = pair_with_cosine(1031, cos, seed=round(100 * (cos + 1)))
-    metrics = check_step(t, r, 0.7, project=project, tau=tau, mode=mode, rtol=1e-5, atol_scale=1e-6)
-    assert metrics["conflict"] == float(conflict)
+    metrics = check_step(t, r, 0.7, project="always", tau=tau, mode=mode, rtol=1e-5, atol_scale=1e-6)
+    assert metrics["conflict"] == metrics["projected"] == float(conflict)
+
+
+@pytest.mark.parametrize("cos", [-0.6, -0.05, 0.5])
+@pytest.mark.parametrize("rule", ["never", "active_violated", "active_slack"])
+@pytest.mark.parametrize("mode", MODES)
+def test_never_and_active_rules_match_float64_reference(mode, rule, cos):
+    t, r = pair_with_cosine(1031, cos, seed=round(100 * (cos + 1)))
+    metrics = check_step(t, r, 0.7, mode=mode, rtol=1e-5, atol_scale=1e-6, **RULES[rule])
+    # |T| ~ 9.6, |R| = 2.5 and b <= 1: G0.R = T.R + b |R|^2 < 0 at cos = -0.6 (-14.4 + 6.25 at most),
+    # > 0 at cos = -0.05 (-1.2 + 4.4 at least), so the active rule projects only in the first case
+    assert metrics["projected"] == float(rule == "active_violated" and cos == -0.6)
 
 
 @pytest.mark.parametrize("n", [1, 3, 4097, 65537])
 def test_awkward_sizes(n):
     gen = torch.Generator().manual_seed(n)
     t, r = torch.randn(n, generator=gen), -torch.randn(n, generator=gen) * 1e-3
-    check_step(t, r, 2.0, tau=0.1, rtol=1e-5, atol_scale=1e-6)
+    check_step(t, r, 2.0, project="always", tau=0.1, rtol=1e-5, atol_scale=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cos", [-0.6, 0.5])
-def test_half_precision_buffers(dtype, mode, cos):
+def test_half_precision_buffers(dtype, rule, mode, cos):
     t, r = pair_with_cosine(2053, cos, seed=7, dtype=dtype)
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    check_step(t, r, 0.4, mode=mode, rtol=ulp, atol_scale=ulp / 4)  # reference from the rounded values
+    check_step(t, r, 0.4, mode=mode, rtol=ulp, atol_scale=ulp / 4, **RULES[rule])  # reference from the rounded values
     assert t.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("mode", MODES)
-def test_zero_retention_gives_the_task_gradient_exactly(dtype, mode):
+def test_zero_retention_gives_the_task_gradient_exactly(dtype, rule, mode):
     t = torch.randn(999, dtype=torch.float32).to(dtype)
     expected = t.clone()
-    out = surgery_(t, torch.zeros_like(t), 0.8, mode=mode, tau=0.5)
+    options = {**RULES[rule], **({"tau": 0.5} if rule == "always" else {})}
+    out = surgery_(t, torch.zeros_like(t), 0.8, mode=mode, **options)
     assert torch.equal(t, expected)
     assert out["conflict"].item() == 0.0 and out["cos"].item() == 0.0 and out["found_inf"].item() == 0.0
+    assert out["projected"].item() == 0.0
     assert out["grad_norm"].item() == pytest.approx(out["task_norm"].item())
     assert all(torch.isfinite(v) for v in out.values())
 
 
+@pytest.mark.parametrize("rule", ["always", "never", "active_violated"])
 @pytest.mark.parametrize("mode", MODES)
-def test_zero_task_gradient_has_no_nan(mode):
+def test_merge_is_continuous_as_the_retention_gradient_vanishes(mode, rule):
+    """A retention step whose R is tiny takes (nearly) the step of a step without retention:
+    |G(s R) - G(retain=None)| <= b s |R| -> 0, with b the mode's retention weight (equal: b = 1; the
+    projection acts on R's direction only, so this holds where it does not fire: cos(T, R) >= 0)."""
+    t0, r0 = pair_with_cosine(513, 0.3, seed=11)
+    plain = t0.clone()
+    surgery_(plain, None, 0.7, mode=mode)
+    assert torch.equal(plain, t0)  # a step without retention is the task step
+    b = {"weighted": 0.7, "equal": 1.0, "task_priority": 0.7}[mode]
+    gaps = []
+    for s in (1e-1, 1e-3, 1e-6):
+        t = t0.clone()
+        surgery_(t, s * r0, 0.7, mode=mode, **RULES[rule])
+        gaps.append((t - plain).norm().item())
+        assert gaps[-1] <= b * s * r0.norm().item() * (1 + 1e-4) + 1e-6 * plain.norm().item(), (s, gaps)
+    assert gaps[-1] < 1e-5 * plain.norm().item()
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_task_gradient_has_no_nan(mode, rule):
     r = torch.randn(257)
     t = torch.zeros_like(r)
-    check_step(t, r, 1.5, mode=mode, rtol=1e-6, atol_scale=1e-7)
+    check_step(t, r, 1.5, mode=mode, rtol=1e-6, atol_scale=1e-7, **RULES[rule])
     both_zero = torch.zeros(5)
-    out = surgery_(both_zero, torch.zeros(5), 1.5, mode=mode)
+    out = surgery_(both_zero, torch.zeros(5), 1.5, mode=mode, **RULES[rule])
     assert torch.equal(both_zero, torch.zeros(5)) and all(torch.isfinite(v) for v in out.values())
 
 
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("where", ["task", "retain"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_gradients_are_flagged_and_never_applied(where, value):
+def test_non_finite_gradients_are_flagged_and_never_applied(where, value, rule):
     t, r = torch.randn(100), torch.randn(100)
     (t if where == "task" else r)[17] = value
-    out = surgery_(t, r, 0.0)  # lam = 0 would otherwise drop a non-finite R from G
+    out = surgery_(t, r, 0.0, **RULES[rule])  # lam = 0 would otherwise drop a non-finite R from G
     assert out["found_inf"].item() == 1.0
     assert torch.isnan(t).all()
 
 
-def test_lambda_as_device_tensor_matches_float():
+def test_scalars_as_device_tensors_match_floats():
     t1, r = pair_with_cosine(300, -0.4, seed=3)
     t2 = t1.clone()
-    out1 = surgery_(t1, r, 0.6, mode="task_priority")
-    out2 = surgery_(t2, r, torch.tensor(0.6), mode="task_priority")
+    out1 = surgery_(t1, r, 0.6, mode="task_priority", loss_ret=0.2, epsilon=0.1)
+    out2 = surgery_(t2, r, torch.tensor(0.6), mode="task_priority", loss_ret=torch.tensor(0.2), epsilon=torch.tensor(0.1))
+    assert out1["projected"].item() == 1.0
     assert torch.equal(t1, t2) and torch.equal(out1["beta"], out2["beta"])
+
+
+# --- the constrained toy problem, stepped the way the trainer steps -------------------------------
+
+
+def solve_toy(project, controller, c, *, steps=800, lr_x=0.05):
+    """min |x - c|^2 s.t. |x|^2 <= 1 (optimum x* = c / |c|, lambda* = |c| - 1), as the trainer does it:
+    at the current x, T = 2 (x - c), R = 2 x and L_ret = |x|^2; surgery_ merges them into G, x -= lr_x G,
+    then the dual update on the same L_ret with epsilon = 1. Returns (x, lambda, task loss)."""
+    lam = LagrangeMultiplier(0.0, lr=1.0, max_value=10.0, controller=controller, kp=3.0 if controller == "pi" else 0.0)
+    c = torch.tensor(c)
+    x = torch.zeros_like(c)
+    for _ in range(steps):
+        g, r, loss_ret = 2.0 * (x - c), 2.0 * x, x @ x
+        surgery_(g, r, lam.value, project=project, loss_ret=loss_ret, epsilon=1.0)
+        x = x - lr_x * g
+        lam.update(loss_ret, 1.0)
+    return x, lam.value, ((x - c) @ (x - c)).item()
+
+
+TOY_PROBLEMS = [(3.0,), (3.0, 4.0)]  # 1-D: x* = 1, lambda* = 2; 2-D: x* = (0.6, 0.8), lambda* = 4
+
+
+@pytest.mark.parametrize("c", TOY_PROBLEMS)
+@pytest.mark.parametrize("controller", ["ascent", "pi"])
+@pytest.mark.parametrize("project", ["active", "never"])
+def test_default_projection_solves_the_constrained_problem(project, controller, c):
+    x, lam, task_loss = solve_toy(project, controller, c)
+    norm_c = math.hypot(*c)
+    torch.testing.assert_close(x, torch.tensor(c) / norm_c, rtol=0, atol=1e-4)
+    assert lam == pytest.approx(norm_c - 1.0, abs=1e-3)
+    assert task_loss == pytest.approx((norm_c - 1.0) ** 2, abs=1e-3)
+
+
+@pytest.mark.parametrize("c", TOY_PROBLEMS)
+@pytest.mark.parametrize("controller", ["ascent", "pi"])
+def test_projecting_with_slack_stops_short_of_the_optimum(controller, c):
+    """``always`` projects while the constraint has slack: T' + lambda R cannot vanish where T and R are
+    anti-parallel, so lambda falls to 0 and x stalls inside the feasible set, far from the optimum."""
+    x, lam, task_loss = solve_toy("always", controller, c)
+    norm_c = math.hypot(*c)
+    assert lam == 0.0
+    assert x.norm().item() < 0.5  # feasible, but x* is on the boundary |x| = 1
+    assert task_loss > (norm_c - 1.0) ** 2 + 2.0
 
 
 class Tiny(nn.Module):
@@ -219,9 +328,9 @@ def test_surgery_on_mixed_dtype_buffers_sums_stats_over_groups():
     bufs.use("task")
     t_all = torch.cat([f.double() for f in bufs.task.flats])
     r_all = torch.cat([f.double() for f in bufs.retain.flats])
-    g_ref, metrics = reference_step(t_all, r_all, 0.9, tau=0.95)  # a high tau makes this a conflict
+    g_ref, metrics = reference_step(t_all, r_all, 0.9, project="always", tau=0.95)  # a high tau: a conflict
     assert metrics["conflict"] == 1.0
-    out = surgery_(bufs.task, bufs.retain, 0.9, tau=0.95)
+    out = surgery_(bufs.task, bufs.retain, 0.9, project="always", tau=0.95)
     for key, expected in metrics.items():
         assert out[key].item() == pytest.approx(expected, rel=1e-4, abs=1e-6), key
     fp32, bf16 = bufs.task.flats
@@ -243,7 +352,7 @@ def test_clip_matches_clip_grad_norm(max_norm):
         bufs.use("retain")
         model(x).square().mean().backward()
         bufs.use("task")
-        out = surgery_(bufs.task, bufs.retain, 0.3, tau=0.9, max_norm=max_norm if fused else None)
+        out = surgery_(bufs.task, bufs.retain, 0.3, project="always", tau=0.9, max_norm=max_norm if fused else None)
         norm = out["grad_norm"] if fused else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         results.append((norm, [p.grad.clone() for p in model.parameters()]))
     (fused_norm, fused_grads), (torch_norm, torch_grads) = results
@@ -271,7 +380,8 @@ def test_task_only_buffers_hold_no_retention_storage_and_clip_like_torch(max_nor
     trainable = [p for p in twin.parameters() if p.requires_grad]
     torch_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm if max_norm else float("inf"))
     torch.testing.assert_close(out["grad_norm"], torch_norm.float(), rtol=1e-3, atol=0)  # bf16 group
-    assert out["found_inf"] == 0 and out["conflict"] == 0 and out["beta"] == 0 and out["retain_norm"] == 0
+    assert out["found_inf"] == 0 and out["conflict"] == 0 and out["projected"] == 0
+    assert out["beta"] == 0 and out["retain_norm"] == 0
     for p, q in zip(bufs.params, trainable):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-5, atol=1e-6)
 
@@ -281,49 +391,6 @@ def test_clip_coefficient():
     assert clip_coefficient(torch.tensor(1.0), 2.0).item() == 1.0
     with pytest.raises(ValueError, match="max_norm"):
         clip_coefficient(torch.tensor(1.0), 0.0)
-
-
-def test_grad_scaler_stats_are_unscaled_and_step_is_correct():
-    torch.manual_seed(0)
-    model = nn.Linear(5, 4)
-    x = torch.randn(6, 5)
-    params = list(model.parameters())
-    grads_t = torch.autograd.grad(model(x).sum(), params)
-    grads_r = torch.autograd.grad(-model(x).square().mean(), params)
-    t_ref, r_ref = torch.cat([g.flatten() for g in grads_t]), torch.cat([g.flatten() for g in grads_r])
-    g_ref, metrics = reference_step(t_ref, r_ref, 0.5)
-    start = [p.detach().clone() for p in params]
-
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    opt = torch.optim.SGD(params, lr=0.1)
-    bufs = GradBuffers(model)
-    scaler.scale(model(x).sum()).backward()
-    bufs.use("retain")
-    scaler.scale(-model(x).square().mean()).backward()
-    bufs.use("task")
-    out = surgery_(bufs.task, bufs.retain, 0.5, scaler=scaler)
-    for key, expected in metrics.items():
-        assert out[key].item() == pytest.approx(expected, rel=1e-5, abs=1e-6), key
-    scaler.step(opt)
-    scaler.update()
-    stepped = torch.cat([(p0 - p.detach()).flatten() / 0.1 for p0, p in zip(start, params)])
-    torch.testing.assert_close(stepped, g_ref.float(), rtol=1e-4, atol=1e-5)
-
-
-def test_grad_scaler_skips_a_step_with_non_finite_retention():
-    model = nn.Linear(5, 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    bufs = GradBuffers(model)
-    scaler.scale(model(torch.randn(3, 5)).sum()).backward()
-    bufs.retain.flats[0][3] = float("inf")  # as if the scaled retention backward overflowed
-    start = [p.detach().clone() for p in model.parameters()]
-    out = surgery_(bufs.task, bufs.retain, 0.0, scaler=scaler)
-    scaler.step(opt)
-    scaler.update()
-    assert out["found_inf"].item() == 1.0
-    assert all(torch.equal(p0, p) for p0, p in zip(start, model.parameters()))
-    assert scaler.get_scale() == 2.0**11
 
 
 def test_use_detects_replaced_grads_and_dtype_changes():
@@ -349,15 +416,21 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="mode='pcgrad'"):
         surgery_(t, r, 0.5, mode="pcgrad")
     with pytest.raises(ValueError, match="tau=2"):
-        surgery_(t, r, 0.5, tau=2.0)
+        surgery_(t, r, 0.5, project="always", tau=2.0)
+    with pytest.raises(ValueError, match="project='sometimes'"):
+        surgery_(t, r, 0.5, project="sometimes")
+    with pytest.raises(ValueError, match="tau=0.3 applies only to project='always'"):
+        surgery_(t, r, 0.5, loss_ret=0.2, epsilon=0.1, tau=0.3)
+    with pytest.raises(ValueError, match="project='active'.*pass loss_ret"):
+        surgery_(t, r, 0.5)
     with pytest.raises(ValueError, match="lam=-1"):
-        surgery_(t, r, -1.0)
+        surgery_(t, r, -1.0, project="never")
     with pytest.raises(ValueError, match="retain is torch.float32\\[7\\]"):
-        surgery_(t, torch.randn(7), 0.5)
+        surgery_(t, torch.randn(7), 0.5, project="never")
     with pytest.raises(ValueError, match="retain is torch.bfloat16"):
-        surgery_(t, r.bfloat16(), 0.5)
+        surgery_(t, r.bfloat16(), 0.5, project="never")
     with pytest.raises(ValueError, match="task: expected a 1-D"):
-        surgery_(t.view(2, 4), r, 0.5)
+        surgery_(t.view(2, 4), r, 0.5, project="never")
     with pytest.raises(ValueError, match="no trainable parameters"):
         GradBuffers(nn.Linear(2, 2).requires_grad_(False))
 
@@ -407,48 +480,65 @@ def test_host_read_detector_trips():
             torch._C.TensorBase.item(x.sum())  # bypasses the Python-level patches: the dispatch mode sees it
 
 
-def _step(bufs, lam, scaler=None):
+#: the rules as the trainer calls them: L_ret a device tensor, epsilon a host float
+STEP_RULES = {
+    "always": lambda device: {"project": "always", "tau": 0.1},
+    "never": lambda device: {"project": "never"},
+    "active": lambda device: {"loss_ret": torch.full((), 0.2, device=device), "epsilon": 0.1},
+    "active_tensor_epsilon": lambda device: {
+        "loss_ret": torch.full((), 0.2, device=device),
+        "epsilon": torch.full((), 0.1, device=device),
+    },
+}
+
+
+def _step(bufs, lam, rule, *, retain=True):
     bufs.use("task")
-    return surgery_(bufs.task, bufs.retain, lam, tau=0.1, mode="weighted", max_norm=0.5, scaler=scaler)
+    options = STEP_RULES[rule](bufs.task.flats[0].device)
+    return surgery_(bufs.task, bufs.retain if retain else None, lam, mode="weighted", max_norm=0.5, **options)
 
 
-def test_step_makes_no_host_reads():
-    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3).to(torch.bfloat16))
+def _filled_buffers(device="cpu"):
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3).to(torch.bfloat16)).to(device)
     bufs = GradBuffers(model)
     for storage in (bufs.task, bufs.retain):
         for flat in storage.flats:
-            flat.copy_(torch.randn(flat.shape))
-    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-    scaler.scale(torch.ones(()))  # creates the scale tensor
+            flat.normal_()
+    return bufs
+
+
+def test_step_makes_no_host_reads():
+    bufs = _filled_buffers()
     lam_tensor = torch.tensor(0.3)
     with no_host_reads():
-        outs = [_step(bufs, lam, scaler) for lam in (0.3, lam_tensor)]
+        outs = [_step(bufs, lam, rule) for lam in (0.3, lam_tensor) for rule in STEP_RULES]
+        outs += [_step(bufs, 0.3, "active", retain=False)]  # a step without retention
         bufs.use("retain")
-    assert set(outs[0]) == {"cos", "conflict", "alpha", "beta", "task_norm", "retain_norm", "grad_norm", "found_inf"}
+    expected = {"cos", "conflict", "projected", "alpha", "beta", "task_norm", "retain_norm", "grad_norm", "found_inf"}
+    assert all(set(out) == expected for out in outs)
 
 
+@pytest.mark.parametrize("rule", list(STEP_RULES))
 @pytest.mark.parametrize("retention", [True, False])
-def test_step_runs_on_meta_tensors(retention):
+def test_step_runs_on_meta_tensors(retention, rule):
     # A meta tensor has no data: any data-dependent host read (item, bool, nonzero, ...) raises here.
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
     bufs = GradBuffers(model, retention=retention)
-    out = _step(bufs, 0.3)
+    out = _step(bufs, 0.3, rule, retain=retention)
     assert all(v.device.type == "meta" and v.shape == () for v in out.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_step_does_not_synchronise_cuda():
-    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3).to(torch.bfloat16)).cuda()
-    bufs = GradBuffers(model)
-    for storage in (bufs.task, bufs.retain):
-        for flat in storage.flats:
-            flat.normal_()
+    bufs = _filled_buffers("cuda")
     lam = torch.tensor(0.3, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for lam_value in (0.3, lam):
-            _step(bufs, lam_value)
+            for rule in STEP_RULES:
+                _step(bufs, lam_value, rule)
+            _step(bufs, lam_value, "active", retain=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")

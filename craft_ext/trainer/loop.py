@@ -130,7 +130,7 @@ def train(cfg: CraftTrainPipelineConfig, *, probe: Probe | None = None) -> Train
             batch = preprocessor(images_to_float(next(batches), dataset.meta.camera_keys))
             anchors = constraint.anchor_batch(step) if constraint is not None else None
             epsilon = constraint.epsilon(step) if constraint is not None else None
-            output = engine.compute(batch, anchors, constraint.lam if constraint is not None else 0.0)
+            output = engine.compute(batch, anchors, constraint.lam if constraint is not None else 0.0, epsilon=epsilon)
             host = output.read()
             applied = engine.finish(output, host)
             if applied and anchors is not None:
