@@ -5,26 +5,38 @@ All through lerobot's real classes, with no network access (see conftest.py).
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from scipy.fft import idct
 from transformers import AutoProcessor, AutoTokenizer
 
-from lerobot.datasets import LeRobotDataset
-from lerobot.policies.pi0_fast import modeling_pi0_fast
-from lerobot.processor import ActionTokenizerProcessorStep, PolicyProcessorPipeline
+from lerobot.configs import PreTrainedConfig
+from lerobot.configs.default import DatasetConfig
+from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.policies.factory import get_policy_class, make_policy, make_pre_post_processors
+from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
+from lerobot.policies.pi0_fast.modeling_pi0_fast import PI0FastPolicy, PI0FastPytorch
+from lerobot.processor import ActionTokenizerProcessorStep, PolicyProcessorPipeline, TokenizerProcessorStep
 
+import craft_ext
+from craft_ext.config import CraftConfig
+from craft_ext.train_config import CraftTrainPipelineConfig
 from craft_ext.offline_kit.build import KitLayout
 from craft_ext.offline_kit.datasets import TASK_A, TASK_B, generate_episode, make_dataset
 from craft_ext.offline_kit.fast_tokenizer import FASTActionTokenizer
 from craft_ext.offline_kit.text_tokenizer import build_text_tokenizer, fast_filler
-from craft_ext.offline_kit.tiny_model import TINY_MARKER, TinySizes, read_tiny_marker, tiny_pi0fast
-from craft_ext.policies.loading import load_policy, load_processors, save_policy
-from craft_ext.policies.pi0fast import state_dict_sha256
+from craft_ext.policies.loading import load_policy, load_processors, preprocessor_overrides
+from craft_ext.policies.pi0_fast_tiny.configuration_pi0_fast_tiny import PI0FastTinyConfig
+from craft_ext.policies.pi0_fast_tiny.modeling_pi0_fast_tiny import PI0FastTinyPolicy, TinyPI0FastPytorch
 
+ROOT = Path(__file__).resolve().parents[1]
 H, D, SCALE = 10, 3, 10.0
 
 
@@ -144,56 +156,162 @@ def test_make_dataset_same_seed_same_data(tmp_path):
 # ---- tiny pi0-fast ---------------------------------------------------------------------------------
 
 
-def test_tiny_context_restores_lerobot_globals():
-    before = (modeling_pi0_fast.get_gemma_config, modeling_pi0_fast.PaliGemmaForConditionalGenerationWithPiGemma)
-    with pytest.raises(RuntimeError, match="boom"):
-        with tiny_pi0fast(TinySizes(vocab_size=100)):
-            assert modeling_pi0_fast.get_gemma_config("gemma_2b").width == 64
-            raise RuntimeError("boom")
-    after = (modeling_pi0_fast.get_gemma_config, modeling_pi0_fast.PaliGemmaForConditionalGenerationWithPiGemma)
-    assert after == before
-    assert modeling_pi0_fast.get_gemma_config("gemma_2b").width == 2048
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0)
 
 
-def test_tiny_policy_trains_saves_reloads_and_acts(offline_kit_dir, tmp_path):
+def frames(kit: KitLayout, task: str, n: int) -> dict:
+    dataset = LeRobotDataset(task, root=kit.datasets[task], delta_timestamps={"action": [i / 10 for i in range(8)]})
+    return next(iter(torch.utils.data.DataLoader(dataset, batch_size=n)))
+
+
+def observation(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
+
+
+@pytest.fixture
+def moved_kit(offline_kit_dir, tmp_path) -> KitLayout:
+    """A copy of the kit, moved away from where it was copied to (`mv kit kit2`)."""
+    shutil.copytree(offline_kit_dir, tmp_path / "kit")
+    (tmp_path / "kit").rename(tmp_path / "kit2")
+    return KitLayout.at(tmp_path / "kit2")
+
+
+def test_kit_policy_is_an_ordinary_lerobot_checkpoint(offline_kit_dir):
+    """Type pi0_fast_tiny with its sizes in config.json; no marker file; no absolute path anywhere."""
     kit = KitLayout.at(offline_kit_dir)
-    assert read_tiny_marker(kit.policy) == TinySizes(vocab_size=read_tiny_marker(kit.policy).vocab_size)
-    policy = load_policy(kit.policy)
-    pre, post = load_processors(kit.policy)
-    dataset = LeRobotDataset("task_a", root=kit.datasets["task_a"],
-                             delta_timestamps={"action": [i / 10 for i in range(8)]})
-    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    saved = json.loads((kit.policy / "config.json").read_text())
+    assert saved["type"] == "pi0_fast_tiny" and saved["width"] == 64 and saved["depth"] == 2
+    assert saved["text_tokenizer_name"] == "tokenizers/text" and saved["action_tokenizer_name"] == "tokenizers/fast"
+    assert saved["pretrained_path"] is None
+    assert {p.name for p in kit.policy.iterdir() if p.suffix != ".safetensors"} == {
+        "config.json", "policy_preprocessor.json", "policy_postprocessor.json", "tokenizers"}
+    for path in offline_kit_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".py", ".jsonl"):
+            assert str(offline_kit_dir) not in path.read_text(), path
+    assert get_policy_class("pi0_fast_tiny") is PI0FastTinyPolicy and issubclass(PI0FastTinyPolicy, PI0FastPolicy)
+
+
+def test_lerobots_own_factories_load_the_kit(offline_kit_dir):
+    """lerobot's make_policy (as lerobot-train calls it for --policy.path), from_pretrained and
+    make_pre_post_processors: the real PI0FastPolicy code, at the kit's size, acting."""
+    kit = KitLayout.at(offline_kit_dir)
+    config = PreTrainedConfig.from_pretrained(kit.policy)
+    assert isinstance(config, PI0FastTinyConfig)
+    config.pretrained_path = kit.policy
+    policy = make_policy(config, ds_meta=LeRobotDatasetMetadata("task_a", root=kit.datasets["task_a"]))
+    assert isinstance(policy.model, PI0FastPytorch) and policy.name == "pi0_fast"
+    weights = load_file(kit.policy / "model.safetensors")
+    state = policy.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in weights.items())
+    assert_same_weights(PI0FastTinyPolicy.from_pretrained(kit.policy), policy)
+
+    pre, post = make_pre_post_processors(config, pretrained_path=str(kit.policy),
+                                         preprocessor_overrides=preprocessor_overrides(config))
+    policy.eval()
+    action = post(policy.select_action(pre(observation(frames(kit, "task_a", 2)))))
+    assert action.shape == (2, 4) and torch.isfinite(action).all()
+
+
+def test_tiny_model_is_lerobots_architecture_at_other_sizes():
+    """Same parameter names as lerobot's full-size PI0FastPytorch (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        full = PI0FastPytorch(PI0FastConfig(device="cpu"))
+
+    class Tokenizer:  # the vocabulary size is all the model reads from its tokenizer
+        def __len__(self):
+            return 500
+
+    config = PI0FastTinyConfig(device="cpu", width=32, depth=3, head_dim=16, vision_layers=2)
+    tiny = TinyPI0FastPytorch(config, paligemma_tokenizer=Tokenizer())
+
+    def layout(model):
+        return {re.sub(r"\.layers\.\d+\.", ".layers.N.", key) for key in model.state_dict()}
+
+    assert layout(tiny) == layout(full)
+    text = tiny.paligemma_with_expert.paligemma.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size, text.head_dim) == (32, 3, 500, 16)
+    assert len(tiny.paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers) == 2
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        PI0FastTinyConfig(device="cpu", image_resolution=(30, 30))
+
+
+def test_moved_kit_loads_trains_saves_and_acts(moved_kit, tmp_path):
+    """After `mv kit kit2`: policy and processors load, a training step changes the weights, and a
+    checkpoint saved elsewhere carries its tokenizers, so it too loads after being moved."""
+    policy = load_policy(moved_kit.policy)
+    pre, post = load_processors(moved_kit.policy)
+    assert policy.config.pretrained_path == moved_kit.policy
+    batch = frames(moved_kit, "task_a", 4)
 
     policy.train()
-    before = state_dict_sha256(policy)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
     loss, _ = policy.forward(pre(batch))
     loss.backward()
     torch.optim.SGD(policy.parameters(), lr=1e-2).step()
-    assert torch.isfinite(loss) and state_dict_sha256(policy) != before
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
-    save_policy(policy, tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / TINY_MARKER).is_file()
-    reloaded = load_policy(tmp_path / "ckpt")
-    assert state_dict_sha256(reloaded) == state_dict_sha256(policy)
-
-    observation = pre({k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"})
+    policy.save_pretrained(tmp_path / "ckpt")
+    pre.save_pretrained(tmp_path / "ckpt")
+    post.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / "ckpt2")
+    shutil.rmtree(moved_kit.root)
+    for path in (tmp_path / "ckpt2").glob("*.json"):
+        assert str(tmp_path) not in path.read_text(), path
+    reloaded = load_policy(tmp_path / "ckpt2")
+    assert_same_weights(reloaded, policy)
+    pre2, post2 = load_processors(tmp_path / "ckpt2")
     reloaded.reset()
-    action = post(reloaded.select_action(observation))
+    action = post2(reloaded.select_action(pre2(observation(batch))))
     assert action.shape == (4, 4) and torch.isfinite(action).all()
+
+
+def test_moved_kit_trains_through_the_trainer(moved_kit, tmp_path):
+    """Two plain fine-tuning steps of craft_ext's trainer from the moved kit, then the checkpoint
+    loads through lerobot's from_pretrained."""
+    from craft_ext.trainer import train
+
+    if not craft_ext.extension_available():
+        pytest.skip("compiled extension not built")
+    policy = PreTrainedConfig.from_pretrained(moved_kit.policy)
+    policy.pretrained_path = moved_kit.policy  # what --policy.path=KIT2/policy does
+    policy.push_to_hub = False
+    config = CraftTrainPipelineConfig(
+        dataset=DatasetConfig(repo_id="task_b", root=str(moved_kit.datasets["task_b"])),
+        policy=policy, output_dir=tmp_path / "run", seed=0, steps=2, batch_size=4, num_workers=0,
+        save_freq=2, craft=CraftConfig(enable=False),
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(config)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.steps == 2
+    checkpoint = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"
+    assert json.loads((checkpoint / "config.json").read_text())["text_tokenizer_name"] == "tokenizers/text"
+    assert (checkpoint / "tokenizers" / "fast" / "processor_config.json").is_file()
+    reloaded = PI0FastTinyPolicy.from_pretrained(checkpoint)
+    assert_same_weights(reloaded, load_policy(checkpoint))
 
 
 def test_load_policy_refuses_silently_unloaded_weights(offline_kit_dir, tmp_path):
     """lerobot's PI0FastPolicy.from_pretrained swallows load errors; load_policy must not."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(KitLayout.at(offline_kit_dir).policy, ckpt)
-    sizes = read_tiny_marker(ckpt)
-    (ckpt / TINY_MARKER).write_text(TinySizes(vocab_size=sizes.vocab_size, mlp_dim=96).to_json())
+    saved = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**saved, "mlp_dim": 96}))
     with pytest.raises(RuntimeError, match="was not loaded"):
         load_policy(ckpt)
 
 
-def test_saved_preprocessor_needs_overrides_offline(offline_kit_dir):
-    """The lerobot quirk load_processors works around: tokenizer name / skip count are not saved."""
+def test_saved_preprocessor_needs_overrides_offline(offline_kit_dir, tmp_path):
+    """The lerobot quirk load_processors works around (tokenizer name / skip count are not saved);
+    the kit's pipeline names no tokenizer at all, and saving a reloaded one keeps it that way."""
     kit = KitLayout.at(offline_kit_dir)
     with pytest.raises(Exception):
         PolicyProcessorPipeline.from_pretrained(kit.policy, config_filename="policy_preprocessor.json")
@@ -201,6 +319,24 @@ def test_saved_preprocessor_needs_overrides_offline(offline_kit_dir):
     step = next(s for s in pre.steps if isinstance(s, ActionTokenizerProcessorStep))
     assert step.paligemma_tokenizer_name == str(kit.text_tokenizer.resolve())
     assert step.fast_skip_tokens == 128
+    text_step = next(s for s in pre.steps if isinstance(s, TokenizerProcessorStep))
+    assert text_step.input_tokenizer.name_or_path == str(kit.text_tokenizer.resolve())
+    pre.save_pretrained(tmp_path)
+    steps = {s["registry_name"]: s["config"] for s in json.loads((tmp_path / "policy_preprocessor.json").read_text())["steps"]}
+    assert "tokenizer_name" not in steps["tokenizer_processor"]
+    assert "action_tokenizer_name" not in steps["action_tokenizer_processor"]
+
+
+def test_production_code_does_not_import_the_offline_kit():
+    """Only the kit itself and the demo (which builds one) may import craft_ext.offline_kit."""
+    allowed = {ROOT / "craft_ext" / "demo.py"}
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "craft_ext").rglob("*.py")
+        if "offline_kit" not in path.relative_to(ROOT / "craft_ext").parts and path not in allowed
+        and re.search(r"^\s*(from|import)\s+\S*offline_kit", path.read_text(), re.MULTILINE)
+    ]
+    assert offenders == []
 
 
 def test_saved_preprocessor_normalises_with_task_a_stats(offline_kit_dir):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +13,9 @@ from torch import nn
 from lerobot.datasets import LeRobotDataset
 from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
+from craft_ext.anchors.manifest import AnchorCacheError, read_manifest
+from craft_ext.anchors.validate import check_compatible
+from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
 from craft_ext.offline_kit.build import KitLayout
 from craft_ext.policies import make_adapter
 from craft_ext.policies.base import PrefixHidden
@@ -111,7 +118,41 @@ def test_image_token_count_and_identity(tiny):
     identity = adapter.identity()
     assert identity["image_tokens"] == 16 and identity["num_layers"] == 2 and identity["hidden_dim"] == 64
     assert identity["image_keys"] == [IMAGE_KEY] and identity["policy_type"] == "pi0_fast"
-    assert identity == adapter.identity()  # deterministic checksum
+
+
+def swap_two_text_tokens(policy_dir: Path) -> None:
+    """Another text tokenizer of the same size (so the weights still load): two ids exchanged."""
+    path = policy_dir / "tokenizers" / "text" / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    by_id = {i: token for token, i in vocab.items()}
+    vocab[by_id[100]], vocab[by_id[101]] = 101, 100
+    path.write_text(json.dumps(spec))
+
+
+def test_cache_check_follows_the_tokenizers_not_their_location(offline_kit_dir, tmp_path):
+    """A cache built from the kit's policy fits the same checkpoint moved elsewhere, and is refused
+    for a checkpoint whose text tokenizer differs (same size, so everything else would run)."""
+    kit = KitLayout.at(offline_kit_dir)
+    cache = build(
+        BuildAnchorCacheConfig(
+            policy=PolicySource(str(kit.policy)),
+            dataset=DatasetSource("task_a", str(kit.datasets["task_a"])),
+            output_dir=str(tmp_path / "cache"),
+            num_anchors=4,
+            dtype="float32",
+            check=False,
+        )
+    )
+    manifest = read_manifest(cache)
+    shutil.copytree(kit.policy, tmp_path / "moved")
+    check_compatible(manifest, make_adapter(load_policy(tmp_path / "moved")))
+
+    shutil.copytree(kit.policy, tmp_path / "other")
+    swap_two_text_tokens(tmp_path / "other")
+    with pytest.raises(AnchorCacheError, match="text_tokenizer") as error:
+        check_compatible(manifest, make_adapter(load_policy(tmp_path / "other")))
+    assert "action_tokenizer" not in str(error.value)
 
 
 def test_task_loss_is_the_policy_loss_and_prefix_is_differentiable(tiny):

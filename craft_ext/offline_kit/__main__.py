@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet_video_backend_warning()  # the kit stores no video
     layout = build_kit(args.output_dir, dataclasses.replace(defaults, seed=args.seed, train_steps=args.train_steps))
     print(f"\n{layout.root}/")
+    print(f"  policy            --policy.path={layout.policy}   (lerobot type pi0_fast_tiny)")
     print(f"  tokenizers/text   {layout.text_tokenizer}")
     print(f"  tokenizers/fast   {layout.fast_tokenizer}")
-    print(f"  policy            {layout.policy}   (--policy.path=...; tiny: load via craft_ext.policies.loading)")
     for name, path in layout.datasets.items():
         print(f"  datasets/{name:<8} --dataset.repo_id={name} --dataset.root={path}")
 

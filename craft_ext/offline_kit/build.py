@@ -2,14 +2,15 @@
 
 Layout written under `output_dir`:
 
-    tokenizers/text/     PaliGemma-layout text tokenizer (AutoTokenizer)
-    tokenizers/fast/     FAST action tokenizer (AutoProcessor, trust_remote_code=True)
     datasets/<name>/     LeRobot datasets, one per TaskSpec (task_a, task_b)
-    policy/              lerobot checkpoint of the tiny pi0-fast + its pre/post processors
-                         + craft_tiny.json (load with craft_ext.policies.loading.load_policy)
+    policy/              lerobot checkpoint (type "pi0_fast_tiny") of the tiny pi0-fast + its
+                         pre/post processors, holding its own tokenizers:
+      tokenizers/text/   PaliGemma-layout text tokenizer (AutoTokenizer)
+      tokenizers/fast/   FAST action tokenizer (AutoProcessor, trust_remote_code=True)
 
 Everything goes through lerobot's real factories (make_policy, make_pre_post_processors,
-LeRobotDataset), exactly as a real checkpoint would.
+LeRobotDataset), exactly as a real checkpoint would. No file of the kit records an absolute path:
+the directory can be moved or copied.
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ import torch
 
 from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.policies.factory import make_policy, make_pre_post_processors
-from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
 
-from craft_ext.offline_kit.datasets import TASK_A, TASK_B, TaskSpec, make_dataset
+from craft_ext.offline_kit.datasets import IMAGE_SIZE, TASK_A, TASK_B, TaskSpec, make_dataset
 from craft_ext.offline_kit.fast_tokenizer import FASTActionTokenizer
 from craft_ext.offline_kit.text_tokenizer import build_text_tokenizer
-from craft_ext.offline_kit.tiny_model import TinySizes, tiny_pi0fast
-from craft_ext.policies.loading import save_policy
+from craft_ext.policies.pi0_fast_tiny.configuration_pi0_fast_tiny import BUNDLED_TOKENIZERS, PI0FastTinyConfig
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,8 @@ class KitLayout:
         root = Path(root)
         return cls(
             root=root,
-            text_tokenizer=root / "tokenizers" / "text",
-            fast_tokenizer=root / "tokenizers" / "fast",
+            text_tokenizer=root / "policy" / BUNDLED_TOKENIZERS["text_tokenizer_name"],
+            fast_tokenizer=root / "policy" / BUNDLED_TOKENIZERS["action_tokenizer_name"],
             policy=root / "policy",
             datasets={name: root / "datasets" / name for name in task_names},
         )
@@ -106,12 +105,11 @@ def build_kit(
     text.save_pretrained(layout.text_tokenizer)  # AutoTokenizer.from_pretrained(dir) loads it
 
     first = settings.tasks[0]
-    sizes = TinySizes(vocab_size=len(text))
-    config = PI0FastConfig(
+    config = PI0FastTinyConfig(  # the type's default sizes
         device="cpu",
         chunk_size=settings.chunk_size,
         n_action_steps=settings.chunk_size,
-        image_resolution=(sizes.image_size, sizes.image_size),
+        image_resolution=(IMAGE_SIZE, IMAGE_SIZE),
         tokenizer_max_length=settings.tokenizer_max_length,
         max_action_tokens=settings.max_action_tokens,
         max_decoding_steps=settings.max_action_tokens,
@@ -122,8 +120,7 @@ def build_kit(
     )
     with torch.random.fork_rng(devices=[]):  # seeded init + training, caller's RNG untouched
         torch.manual_seed(settings.seed)
-        with tiny_pi0fast(sizes):
-            policy = make_policy(config, ds_meta=metas[first.name])  # also fills config's features
+        policy = make_policy(config, ds_meta=metas[first.name])  # also fills config's features
         preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=metas[first.name].stats)
         n_params = sum(p.numel() for p in policy.parameters())
         step(f"tiny pi0-fast: {n_params / 1e6:.2f}M parameters; training {settings.train_steps} steps on {first.name}")
@@ -131,7 +128,7 @@ def build_kit(
     step(f"trained: {step_time * 1e3:.1f} ms/step (preprocess + forward + backward + AdamW); checking select_action")
     check_inference(policy, preprocessor, layout.datasets[first.name], first.name, settings)
 
-    save_policy(policy, layout.policy)
+    policy.save_pretrained(layout.policy)  # the tokenizers are already where it bundles them
     preprocessor.save_pretrained(layout.policy)
     postprocessor.save_pretrained(layout.policy)
     step(f"done in {time.perf_counter() - start:.1f}s")

@@ -1,77 +1,60 @@
-"""Load saved policies and their processors the same way for real and tiny checkpoints.
+"""Load saved policies and their processors the same way for every lerobot policy type.
 
 A checkpoint directory is a lerobot "pretrained_model" dir (config.json, model.safetensors,
-policy_preprocessor.json, policy_postprocessor.json, ...). If it also holds `craft_tiny.json`, the
-policy is a toy pi0-fast (craft_ext.offline_kit.tiny_model) and lerobot's loader runs inside
-`tiny_pi0fast(sizes)`; otherwise lerobot's loader runs unchanged. Code that builds the policy through
-lerobot's own factory (`make_policy`) wraps that call in `tiny_context(path)` for the same effect.
+policy_preprocessor.json, policy_postprocessor.json, ...). The "type" in its config.json picks the
+config and policy classes from lerobot's registry, exactly as lerobot's own factories do; craft_ext's
+toy-size pi0-fast, "pi0_fast_tiny" (craft_ext.policies.pi0_fast_tiny), is registered on import of
+craft_ext.policies like any lerobot policy plugin.
 
 lerobot quirks handled here:
   * `ActionTokenizerProcessorStep.get_config` does not save `paligemma_tokenizer_name` or
     `fast_skip_tokens`: a reloaded pi0-fast preprocessor falls back to the hub tokenizer
     "google/paligemma-3b-pt-224" (fails offline) and skip 128. `preprocessor_overrides` restores
-    them from the policy config.
+    them from the policy config (and, for pi0_fast_tiny, hands over the checkpoint's own tokenizers).
   * `PI0FastPolicy.from_pretrained` catches every weight-loading error, prints a warning and returns
     the randomly initialised model. `load_policy` checks the weights against the file and raises.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 
-from craft_ext.offline_kit.tiny_model import read_tiny_marker, tiny_pi0fast, write_tiny_marker
-from craft_ext.policies.pi0fast import unwrap
+from craft_ext.policies.pi0_fast_tiny.configuration_pi0_fast_tiny import PI0FastTinyConfig
+from craft_ext.policies.pi0_fast_tiny.processor_pi0_fast_tiny import reload_overrides
 
 WEIGHTS_FILE = "model.safetensors"
 
 
-def tiny_context(policy_dir: str | Path) -> ContextManager:
-    """`tiny_pi0fast(sizes)` when `policy_dir` holds a tiny checkpoint, else a no-op context."""
-    sizes = read_tiny_marker(policy_dir)
-    return tiny_pi0fast(sizes) if sizes is not None else contextlib.nullcontext()
-
-
 def load_policy(policy_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedPolicy:
-    """Load a saved lerobot policy (tiny or real) onto `device`, in eval mode."""
+    """Load a saved lerobot policy onto `device`, in eval mode, through its class's `from_pretrained`."""
     policy_dir = Path(policy_dir)
     if not (policy_dir / "config.json").is_file():
         raise FileNotFoundError(f"{policy_dir} is not a saved lerobot policy (no config.json)")
     config = PreTrainedConfig.from_pretrained(policy_dir)
     config.device = str(device)
     config.pretrained_path = policy_dir
-    policy_cls = get_policy_class(config.type)
-    with tiny_context(policy_dir):
-        policy = policy_cls.from_pretrained(policy_dir, config=config)
+    policy = get_policy_class(config.type).from_pretrained(policy_dir, config=config)
     _check_weights_loaded(policy, policy_dir / WEIGHTS_FILE)
     return policy
 
 
-def save_policy(policy: PreTrainedPolicy, save_dir: str | Path) -> Path:
-    """`policy.save_pretrained(save_dir)` plus the tiny marker when the policy is a toy pi0-fast.
-
-    Use this (or call `write_tiny_marker` after lerobot's own save) for every checkpoint of a tiny
-    policy, otherwise the checkpoint cannot be reloaded at its size.
-    """
-    save_dir = Path(save_dir)
-    policy = unwrap(policy)
-    policy.save_pretrained(save_dir)
-    if policy.config.type == "pi0_fast":
-        write_tiny_marker(policy, save_dir)
-    return save_dir
-
-
 def preprocessor_overrides(config: PreTrainedConfig) -> dict[str, dict[str, Any]]:
-    """Overrides a saved preprocessor of `config`'s policy type needs to reload offline."""
-    if config.type != "pi0_fast":
+    """Overrides a saved preprocessor of `config`'s policy type needs to reload offline.
+
+    `config` must know where it was loaded from (`pretrained_path`, as lerobot and `load_policy` set
+    it) when it is a pi0_fast_tiny config: its tokenizers are in that directory."""
+    if isinstance(config, PI0FastTinyConfig):
+        return reload_overrides(config)
+    if not isinstance(config, PI0FastConfig):
         return {}
     return {
         "action_tokenizer_processor": {
@@ -92,6 +75,7 @@ def load_processors(
     when fine-tuning a checkpoint on a new dataset).
     """
     config = PreTrainedConfig.from_pretrained(policy_dir)
+    config.pretrained_path = Path(policy_dir)
     pre = {"device_processor": {"device": str(device)}, **preprocessor_overrides(config)}
     post: dict[str, dict[str, Any]] = {}
     if dataset_stats is not None:

@@ -2,7 +2,6 @@
 
     checkpoints/000100/
         pretrained_model/     lerobot's: config.json, model.safetensors, train_config.json, processors
-                              (+ craft_tiny.json for a toy pi0-fast, so it reloads at its size)
         training_state/       lerobot's: optimizer, scheduler, rng_state, training_step.json
                               + craft_state.json: lambda and controller state, anchor sampler position,
                               consecutive skipped steps
@@ -23,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from lerobot.common.train_utils import get_step_checkpoint_dir, load_training_state, save_checkpoint
-from lerobot.utils.constants import LAST_CHECKPOINT_LINK, PRETRAINED_MODEL_DIR, TRAINING_STATE_DIR
+from lerobot.utils.constants import LAST_CHECKPOINT_LINK, TRAINING_STATE_DIR
 
 from ..durable import fsync_path, fsync_tree
-
-from ..offline_kit.tiny_model import write_tiny_marker
 
 CRAFT_STATE_FILE = "craft_state.json"
 CRAFT_STATE_VERSION = 1
@@ -73,7 +70,6 @@ def save_training_checkpoint(output_dir: Path, step: int, total_steps: int, stat
     _remove_stale_temporaries(final.parent)
     tmp = final.parent / f".{final.name}.tmp"
     save_checkpoint(checkpoint_dir=tmp, step=step, **lerobot_kwargs)
-    write_tiny_marker(lerobot_kwargs["policy"], tmp / PRETRAINED_MODEL_DIR)
     (tmp / TRAINING_STATE_DIR / CRAFT_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
     fsync_tree(tmp)
 

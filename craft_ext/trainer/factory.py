@@ -2,13 +2,12 @@
 
 Mirrors what lerobot-train does (same accelerator settings, dataset factory, policy factory,
 processor overrides, optimizer/scheduler presets, episode-aware sampler with sample-exact resume),
-plus two things lerobot cannot do offline: building a toy pi0-fast at its size (`tiny_context`) and
-reloading a pi0-fast preprocessor without the hub (`preprocessor_overrides`).
+plus what lerobot cannot do offline: reloading a pi0-fast preprocessor without the hub
+(`preprocessor_overrides`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from lerobot.policies import make_policy, make_pre_post_processors
 from lerobot.utils.collate import lerobot_collate_fn
 
 from ..config import CraftTrainPipelineConfig
-from ..policies.loading import preprocessor_overrides, tiny_context
+from ..policies.loading import preprocessor_overrides
 
 
 def make_accelerator(cfg: CraftTrainPipelineConfig):
@@ -47,10 +46,8 @@ def load_datasets(cfg: CraftTrainPipelineConfig):
 
 
 def build_policy(cfg: CraftTrainPipelineConfig, dataset, device: torch.device):
-    """lerobot's make_policy (inside the toy-size context for a tiny checkpoint), moved to `device`."""
-    pretrained = cfg.policy.pretrained_path
-    with tiny_context(pretrained) if pretrained else contextlib.nullcontext():
-        policy = make_policy(cfg=cfg.policy, ds_meta=dataset.meta, rename_map=cfg.rename_map)
+    """lerobot's make_policy, moved to `device`."""
+    policy = make_policy(cfg=cfg.policy, ds_meta=dataset.meta, rename_map=cfg.rename_map)
     return policy.to(device)
 
 
