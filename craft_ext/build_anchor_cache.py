@@ -33,7 +33,8 @@ from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.datasets.factory import resolve_delta_timestamps
 from lerobot.utils.collate import lerobot_collate_fn
 
-from .anchors.build import check_teacher_reproduces, select_anchor_frames, write_shards
+from .anchors.teacher import select_anchor_frames, write_shards
+from .retention import check_teacher_reproduces
 from .anchors.manifest import (
     HIDDEN_DTYPES,
     POOLING_MODES,

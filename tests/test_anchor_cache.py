@@ -1,4 +1,4 @@
-"""Anchor cache format v1: writer, reader, verify, resume, bad input, retention loss.
+"""Anchor cache format v2: writer, reader, verify, resume, bad input, retention loss.
 
 The first part uses synthetic tensors (no model); the end-to-end part builds caches from the tiny
 offline pi0-fast and checks that the teacher reproduces its own cache.
@@ -28,7 +28,8 @@ from craft_ext.anchors import (
     check_compatible,
     read_manifest,
 )
-from craft_ext.anchors.manifest import MANIFEST_NAME, shard_name
+from craft_ext.anchors.manifest import FORMAT_VERSION, MANIFEST_NAME, shard_name
+from craft_ext.anchors.shards import row_checksums, shard_tensors
 from craft_ext.anchors.writer import PROGRESS_NAME
 from craft_ext.retention import row_distance
 
@@ -114,7 +115,7 @@ def test_manifest_records_settings_and_teacher_statistics(tmp_path, pooling):
     settings = make_settings(pooling=pooling)
     write_cache(tmp_path, settings)
     manifest = read_manifest(tmp_path)
-    assert manifest.format_version == 1
+    assert manifest.format_version == FORMAT_VERSION == 2
     assert manifest.settings.to_json() == settings.to_json()
     assert manifest.num_rows == 10 and [s.rows for s in manifest.shards] == [4, 4, 2]
     assert manifest.num_vectors == (2 if pooling == "pooled" else TOKENS)
@@ -128,17 +129,34 @@ def test_manifest_records_settings_and_teacher_statistics(tmp_path, pooling):
         assert manifest.layer_mean[layer] == pytest.approx(vecs.mean().item(), rel=1e-9)
         assert manifest.layer_var[layer] == pytest.approx(vecs.var(dim=0, unbiased=False).mean().item(), rel=1e-9)
     raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    assert raw["format_version"] == 1
+    assert raw["format_version"] == 2
     assert raw["settings"]["hidden"]["layers_requested"] == [-2, -1]
+    # each row's hash over its bytes in every stored tensor, 16 hex digits per row
+    for k, record in enumerate(manifest.shards):
+        assert len(record.row_xxh3) == 16 * record.rows
+        expected = row_checksums(shard_tensors(*synthetic_shard(settings, k)))
+        assert record.row_checksums().tolist() == expected.tolist()
+        assert len(set(expected.tolist())) == record.rows
 
 
 def test_unknown_format_version_is_refused(tmp_path):
     write_cache(tmp_path, make_settings())
     path = tmp_path / MANIFEST_NAME
     data = json.loads(path.read_text())
-    data["format_version"] = 7
+    data["format_version"] = 7  # written by a newer craft_ext: upgrading craft_ext is the fix
     path.write_text(json.dumps(data))
-    with pytest.raises(AnchorCacheError, match="format version 7 is not supported"):
+    with pytest.raises(AnchorCacheError, match="format version 7 is not supported.*upgrade craft_ext") as err:
+        AnchorCache(tmp_path)
+    assert "rebuild" not in str(err.value)
+    for bad in (0, "2", None):  # not a version this project ever wrote
+        data["format_version"] = bad
+        path.write_text(json.dumps(data))
+        with pytest.raises(AnchorCacheError, match="not a craft_ext anchor cache manifest"):
+            AnchorCache(tmp_path)
+    data["format_version"] = 2
+    data["shards"][1]["row_xxh3"] = data["shards"][1]["row_xxh3"][:-16]  # one row's hash missing
+    path.write_text(json.dumps(data))
+    with pytest.raises(AnchorCacheError, match=re.escape(shard_name(1)) + " needs row_xxh3"):
         AnchorCache(tmp_path)
     path.write_text("{not json")
     with pytest.raises(AnchorCacheError, match="unreadable"):
@@ -158,9 +176,12 @@ def test_missing_truncated_and_corrupt_shards(tmp_path):
         AnchorCache(tmp_path)
 
     corrupt = bytearray(original)
-    corrupt[-7] ^= 0xFF  # same size, valid header, one flipped data byte: only the checksum sees it
+    corrupt[-7] ^= 0xFF  # same size, valid header, one flipped byte in the last row (local row 3, row 7)
     shard.write_bytes(bytes(corrupt))
-    cache = AnchorCache(tmp_path)
+    cache = AnchorCache(tmp_path)  # opening reads headers only
+    with pytest.raises(AnchorCacheError, match=re.escape(shard_name(1)) + r" row 3 \(cache row 7\) is corrupt"):
+        cache.gather([0, 7])
+    assert cache.gather([0, 4, 5, 6, 8]).hidden.shape[0] == 5  # the other rows still read
     with pytest.raises(AnchorCacheError, match=re.escape(shard_name(1)) + " is corrupt: sha256"):
         cache.verify()
 

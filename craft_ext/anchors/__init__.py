@@ -1,8 +1,10 @@
-"""The anchor cache (format v1): teacher hidden states + model-ready inputs on disk, with a manifest.
+"""The anchor cache (format v2): teacher hidden states + model-ready inputs on disk, with a manifest.
 
-Layout of the package: ``manifest`` (format and JSON), ``shards`` (one safetensors file), ``writer``
-(atomic, resumable), ``reader`` (mmap, sampler, prefetching loader), ``validate`` (cache vs student),
-``features`` (the single teacher/student feature path), ``build`` (cache from a policy + dataset).
+Layout of the package: ``manifest`` (format and JSON), ``shards`` (one safetensors file, row
+checksums), ``writer`` (atomic, resumable), ``reader`` (mmap, per-row checks, sampler, prefetching
+loader), ``validate`` (cache vs student), ``features`` (the single teacher/student feature path),
+``teacher`` (anchor frames and the teacher forward that fills the shards), ``upgrade`` (v1 -> v2 in
+place). The command line that builds a cache is ``craft_ext.build_anchor_cache``.
 """
 
 from .manifest import (

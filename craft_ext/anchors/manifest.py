@@ -1,8 +1,13 @@
-"""Anchor cache format v1: the manifest, its JSON form, and the shard naming rules.
+"""Anchor cache format (v2; v1 still read): the manifest, its JSON form, and the shard naming rules.
 
 The manifest is the contract between the cache builder and the trainer. Everything a reader needs to
 refuse a cache that does not fit (another model, layer set, pooling, dim, format) is recorded here,
 so a wrong cache fails loudly instead of producing a plausible-looking but meaningless loss.
+
+v2 adds a 64-bit xxh3 hash per row (of the row's bytes in every tensor of its shard), checked on every read,
+so a corrupted row is an error naming its shard and row instead of a wrong loss. v1 caches (no row
+checksums) still load; ``python -m craft_ext.anchors.upgrade DIR`` adds the checksums in place.
+See docs/architecture.md, "Anchor cache".
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..durable import fsync_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this craft_ext writes
+OLDEST_READABLE_VERSION = 1
+ROW_CHECKSUMS_SINCE = 2
 MANIFEST_NAME = "manifest.json"
 POOLING_MODES = ("pooled", "tokens")
 HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -37,12 +45,27 @@ def shard_name(index: int) -> str:
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """One shard file: how many rows it holds and the sha256 of its exact bytes."""
+    """One shard file: how many rows it holds, the sha256 of its exact bytes (checked on request:
+    it reads the whole file) and, since v2, each row's xxh3-64 hash as 16 hex digits per row
+    (checked on every read of the row)."""
 
     file: str
     rows: int
     sha256: str
     num_bytes: int
+    row_xxh3: str | None = None
+
+    def row_checksums(self) -> np.ndarray:
+        """uint64 [rows]: the recorded hash of each row."""
+        return decode_checksums(self.row_xxh3 or "")
+
+
+def encode_checksums(checksums: np.ndarray) -> str:
+    return np.asarray(checksums, dtype=">u8").tobytes().hex()
+
+
+def decode_checksums(text: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(text), dtype=">u8").astype(np.uint64)
 
 
 @dataclass(frozen=True)
@@ -150,6 +173,10 @@ class Manifest:
         return sum(s.rows for s in self.shards)
 
     @property
+    def has_row_checksums(self) -> bool:
+        return self.format_version >= ROW_CHECKSUMS_SINCE
+
+    @property
     def hidden_spec(self) -> TensorSpec:
         h = self.settings.hidden
         return TensorSpec(h.dtype, [len(h.layers), self.num_vectors, h.dim])
@@ -161,13 +188,19 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version < OLDEST_READABLE_VERSION:
             raise AnchorCacheError(
-                f"anchor cache format version {version!r} is not supported (this craft_ext reads "
-                f"version {FORMAT_VERSION}); rebuild the cache with python -m craft_ext.build_anchor_cache"
+                f"anchor cache format version {version!r} is not supported: not a craft_ext anchor cache "
+                "manifest; rebuild the cache with python -m craft_ext.build_anchor_cache"
+            )
+        if version > FORMAT_VERSION:
+            raise AnchorCacheError(
+                f"anchor cache format version {version} is not supported by this craft_ext "
+                f"{_craft_ext_version()} (it reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}): "
+                "the cache was written by a newer craft_ext; upgrade craft_ext to read it"
             )
         try:
-            return cls(
+            manifest = cls(
                 settings=BuildSettings.from_json(data["settings"]),
                 num_vectors=int(data["num_vectors"]),
                 inputs={k: TensorSpec(**v) for k, v in data["inputs"].items()},
@@ -179,6 +212,33 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise AnchorCacheError(f"anchor cache manifest is malformed: {exc!r}") from exc
+        if manifest.has_row_checksums:
+            for record in manifest.shards:
+                if not _is_checksum_text(record.row_xxh3, record.rows):
+                    raise AnchorCacheError(
+                        f"anchor cache manifest is malformed: shard {record.file} needs row_xxh3 with 16 hex "
+                        f"digits for each of its {record.rows} rows"
+                    )
+        return manifest
+
+
+def _is_checksum_text(text: Any, rows: int) -> bool:
+    if not isinstance(text, str) or len(text) != 16 * rows:
+        return False
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _craft_ext_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("craft_ext")
+    except PackageNotFoundError:
+        return "(version unknown)"
 
 
 def _canonical(data: Any) -> str:

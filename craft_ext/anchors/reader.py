@@ -1,11 +1,14 @@
 """Memory-mapped anchor-cache reading, a resumable sampler and a prefetching loader.
 
 Shards are opened with safetensors ``safe_open`` (mmap): a batch copies only its own rows out of the
-mapped files, so the cache can be far larger than RAM and opening it costs only the headers.
+mapped files, so the cache can be far larger than RAM and opening it costs only the headers. Every
+row read is checked against its hash from the manifest (format v2), so a corrupted row raises an
+AnchorCacheError naming its shard and row instead of silently giving a wrong loss.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -27,7 +30,9 @@ from .manifest import (
     read_manifest,
     sha256_file,
 )
-from .shards import read_layout
+from .shards import read_layout, row_checksums
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,7 +57,8 @@ class AnchorBatch:
 
 class AnchorCache:
     """A finished cache, opened read-only. Opening checks the manifest and every shard's size and
-    header against it (cheap); ``verify()`` also checks every shard's sha256 (reads everything)."""
+    header against it (cheap); ``gather`` checks each row it reads against the row's hash;
+    ``verify()`` also checks every shard's sha256 (reads everything)."""
 
     def __init__(self, directory: str | os.PathLike, *, pin_memory: bool | None = None):
         self.directory = Path(directory)
@@ -64,6 +70,15 @@ class AnchorCache:
         self._names += [INPUT_PREFIX + k for k in self.manifest.inputs]
         self._slices = [{n: f.get_slice(n) for n in self._names} for f in self._files]
         self._starts = np.cumsum([0] + [s.rows for s in self.manifest.shards])
+        self._row_hashes: np.ndarray | None = None  # [num_rows], None for a v1 cache (no row checksums)
+        if self.manifest.has_row_checksums:
+            self._row_hashes = np.concatenate([s.row_checksums() for s in self.manifest.shards])
+        else:
+            logger.warning(
+                "anchor cache %s is format v%d: its rows have no checksums, so a corrupted row would go unnoticed; "
+                "add them with `python -m craft_ext.anchors.upgrade %s` (or rebuild the cache)",
+                self.directory, self.manifest.format_version, self.directory,
+            )
 
     def __len__(self) -> int:
         return self.manifest.num_rows
@@ -100,7 +115,8 @@ class AnchorCache:
 
     def gather(self, rows: Sequence[int] | torch.Tensor) -> AnchorBatch:
         """Copy the given rows (any order, any shards) into fresh (pinned when CUDA is available)
-        tensors. Runs of consecutive rows within a shard are read with one slice each."""
+        tensors and check each row's hash. Runs of consecutive rows within a shard are read with
+        one slice each."""
         rows_t = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
         if rows_t.numel() and (int(rows_t.min()) < 0 or int(rows_t.max()) >= len(self)):
             raise IndexError(f"anchor rows must be in [0, {len(self)}), got {rows_t.tolist()}")
@@ -110,11 +126,25 @@ class AnchorCache:
             where = order[start:stop]  # output positions of this run's rows
             for name in self._names:
                 out[name][where] = self._slices[shard][name][local : local + stop - start]
+        if self._row_hashes is not None and rows_t.numel():
+            self._check_rows(rows_t.numpy(), row_checksums(out))
         return AnchorBatch(
             inputs={n[len(INPUT_PREFIX) :]: out[n] for n in self._names if n.startswith(INPUT_PREFIX)},
             hidden=out[HIDDEN_KEY],
             mask=out.get(MASK_KEY),
             rows=rows_t,
+        )
+
+    def _check_rows(self, rows: np.ndarray, got: np.ndarray) -> None:
+        bad = np.flatnonzero(got != self._row_hashes[rows])
+        if bad.size == 0:
+            return
+        row = int(rows[bad[0]])
+        shard = int(np.searchsorted(self._starts, row, side="right")) - 1
+        raise AnchorCacheError(
+            f"anchor cache shard {self.directory / self.manifest.shards[shard].file} row {row - int(self._starts[shard])} "
+            f"(cache row {row}) is corrupt: its bytes do not match the checksum recorded when it was written; re-run "
+            "the build_anchor_cache command that made this cache: it rewrites the shards from the first bad one"
         )
 
     def _runs(self, sorted_rows: list[int]) -> Iterator[tuple[int, int, int, int]]:

@@ -2,19 +2,25 @@
 
 A cache built for another policy type, hidden width, depth, tokenizer, image layout, layer set or
 pooling gives a loss that looks fine and means nothing; this check turns that into an error that
-names every mismatching field with the cached and the current value. The teacher's weights checksum
-is deliberately not compared: the student is *meant* to have different weights.
+names every mismatching field with the cached and the current value.
+
+Weights are not compared: the student is *meant* to move away from the teacher, and hashing every
+weight at each start costs minutes at full size. Whether a fresh run starts at the teacher is seen
+for free in the first step's retention loss (``craft_ext.trainer.checks.check_student_matches_teacher``).
+Content-addressed identity entries (``{"name": ..., "sha256": ...}``, e.g. tokenizers) are compared
+by their sha256 only, so the same tokenizer at another path fits and another one at the same path
+does not.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..policies.base import PolicyAdapter
 from .manifest import AnchorCacheError, Manifest
 
-#: identity fields that describe the weights rather than the architecture / input layout
-WEIGHT_FIELDS = frozenset({"weights_sha256", "weights_checksum", "checksum", "path"})
+#: identity fields that are not compared: v1 caches recorded a checksum of the teacher's weights there
+NOT_COMPARED = frozenset({"weights_sha256"})
 
 
 def check_compatible(
@@ -38,8 +44,13 @@ def check_compatible(
 
     compare("policy_type", cached.get("policy_type"), adapter.policy_type)
     compare("hidden_dim", hidden.dim, adapter.hidden_dim)
-    for key in sorted((set(cached) | set(current)) - WEIGHT_FIELDS - {"policy_type", "hidden_dim"}):
-        compare(key, cached.get(key), current.get(key))
+    for key in sorted((set(cached) | set(current)) - NOT_COMPARED - {"policy_type", "hidden_dim"}):
+        a, b = cached.get(key), current.get(key)
+        if _is_content(a) or _is_content(b):
+            if not _same_content(a, b):
+                problems.append(f"{key}: cache has {_describe(a)}, student has {_describe(b)} (compared by content)")
+        else:
+            compare(key, a, b)
     too_deep = [layer for layer in hidden.layers if layer >= adapter.num_layers]
     if too_deep:
         problems.append(f"layers: cache has layers {hidden.layers}, student has only {adapter.num_layers}")
@@ -49,3 +60,21 @@ def check_compatible(
         compare("layers", hidden.layers, adapter.resolve_layers(layers))
     if problems:
         raise AnchorCacheError("the anchor cache does not fit this policy: " + "; ".join(problems))
+
+
+def _is_content(value: Any) -> bool:
+    return isinstance(value, dict) and "sha256" in value
+
+
+def _same_content(cached: Any, current: Any) -> bool:
+    if _is_content(cached) and _is_content(current):
+        return cached["sha256"] == current["sha256"]
+    if isinstance(cached, str) and _is_content(current):
+        return cached == current.get("name")  # a v1 cache recorded only the name (a path or hub id)
+    return False
+
+
+def _describe(value: Any) -> str:
+    if _is_content(value):
+        return f"{value.get('name')!r} (sha256 {str(value['sha256'])[:12]}...)"
+    return repr(value)

@@ -1,7 +1,7 @@
 """Atomic, resumable anchor-cache writing.
 
 Each shard is written to a temporary file, fsynced and renamed into place, then recorded (with its
-sha256) in ``build-progress.json``. A re-run with the same settings keeps the recorded shards whose
+sha256 and its rows' hashes) in ``build-progress.json``. A re-run with the same settings keeps the recorded shards whose
 bytes still match and continues from the first missing or invalid one; because shard contents are a
 function of the settings only, the finished shards are byte-identical to an uninterrupted build.
 The manifest is written last, so it never points at a shard that is partial or about to change.
@@ -29,6 +29,7 @@ from .manifest import (
     BuildSettings,
     Manifest,
     ShardRecord,
+    encode_checksums,
     read_json,
     read_manifest,
     sha256_file,
@@ -36,7 +37,7 @@ from .manifest import (
     write_json_atomic,
     write_manifest,
 )
-from .shards import encode_shard, read_layout
+from .shards import encode_shard, read_layout, row_checksums, shard_tensors
 
 PROGRESS_NAME = "build-progress.json"
 _STATS_CHUNK_BYTES = 64 << 20
@@ -128,8 +129,8 @@ class AnchorCacheWriter:
 
     def _still_valid(self, index: int, records: dict[int, ShardRecord]) -> bool:
         record = records.get(index)
-        if record is None or record.file != shard_name(index):
-            return False
+        if record is None or record.file != shard_name(index) or record.row_xxh3 is None:
+            return False  # (no row checksums: written by a craft_ext that wrote format v1)
         if record.rows != len(self.settings.shard_frames(index)):
             return False
         path = self.directory / record.file
@@ -158,7 +159,8 @@ class AnchorCacheWriter:
         if index not in self.pending:
             raise ValueError(f"shard {index} is not pending (pending: {self.pending})")
         self._check_rows(index, hidden, mask, inputs)
-        data = encode_shard(hidden, mask, inputs, {"settings_sha256": self._fingerprint, "shard": str(index)})
+        tensors = shard_tensors(hidden, mask, inputs)
+        data = encode_shard(tensors, {"settings_sha256": self._fingerprint, "shard": str(index)})
         path = self.directory / shard_name(index)
         tmp = self.directory / f".{path.name}.tmp"
         with open(tmp, "wb") as f:
@@ -167,7 +169,9 @@ class AnchorCacheWriter:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_path(self.directory)
-        record = ShardRecord(path.name, hidden.shape[0], hashlib.sha256(data).hexdigest(), len(data))
+        record = ShardRecord(
+            path.name, hidden.shape[0], hashlib.sha256(data).hexdigest(), len(data), encode_checksums(row_checksums(tensors))
+        )
         self._records[index] = record
         self._wrote = True
         self.pending.remove(index)

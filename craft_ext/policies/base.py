@@ -55,5 +55,6 @@ class PolicyAdapter(Protocol):
         """Forward the prefix built from `anchor_inputs` output and capture the layers' outputs."""
 
     def identity(self) -> dict[str, Any]:
-        """What a cache must match: policy type, weights checksum, tokenizer names, image layout,
-        hidden dim, depth. Recorded in the manifest and checked when training starts."""
+        """What a cache must match: policy type, tokenizers (by content), image layout, hidden dim,
+        depth. Recorded in the manifest and checked when training starts, so it must be cheap: no
+        weight checksums. A value {"name": ..., "sha256": ...} is compared by its sha256 only."""

@@ -14,6 +14,7 @@ so layer indexing, image-token count and prompt layout cannot diverge between th
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any, Sequence
 
 import torch
@@ -39,23 +40,12 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def state_dict_sha256(module: nn.Module) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every state_dict tensor, in sorted key order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class Pi0FastAdapter:
     """PolicyAdapter (craft_ext.policies.base) for lerobot's PI0FastPolicy."""
 
     policy_type = POLICY_TYPE
 
     def __init__(self, policy: nn.Module):
-        self.wrapped = policy  # called for the task loss, so DDP / accelerate hooks still run
         self.policy = unwrap(policy)
         if getattr(self.policy, "name", None) != POLICY_TYPE:
             raise TypeError(f"Pi0FastAdapter needs a {POLICY_TYPE} policy, got {type(self.policy).__name__}")
@@ -106,13 +96,10 @@ class Pi0FastAdapter:
     def task_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """pi0-fast's own training loss (next FAST-token cross-entropy) on a preprocessed batch.
 
-        An unwrapped policy is run through its inner model, as `PI0FastPolicy.forward` does but without
-        that method's two `.item()` calls for its loss dict (each a host sync that stalls the step). A
-        wrapped one (DDP, accelerate) goes through the wrapper so that its hooks run.
+        Runs the inner model as `PI0FastPolicy.forward` does, but without that method's two `.item()`
+        calls for its loss dict (each a host sync that stalls the step). The trainer never wraps the
+        policy (gradients are all-reduced from flat buffers, not by DDP hooks), so no wrapper is called.
         """
-        if self.wrapped is not self.policy:
-            loss, _ = self.wrapped(batch)
-            return loss
         if batch.get(ACTION_TOKENS) is None or batch.get(ACTION_TOKEN_MASK) is None:
             raise ValueError(f"pi0-fast task loss: the batch needs {ACTION_TOKENS} and {ACTION_TOKEN_MASK} "
                              "(run it through the checkpoint's preprocessor)")
@@ -198,13 +185,22 @@ class Pi0FastAdapter:
     # ---- identity ----------------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        """What an anchor cache built with this model must match (recorded in its manifest)."""
+        """What an anchor cache built with this model must match (recorded in its manifest).
+
+        Tokenizers by content (what the loaded tokenizers contain, wherever they were loaded from);
+        weights not at all (see craft_ext.anchors.validate). About half a second for PaliGemma's
+        257k-token vocabulary, where a weights checksum would read 7-14 GB."""
         config = self.policy.config
         return {
             "policy_type": POLICY_TYPE,
-            "weights_sha256": state_dict_sha256(self.policy),
-            "text_tokenizer": config.text_tokenizer_name,
-            "action_tokenizer": config.action_tokenizer_name,
+            "text_tokenizer": {
+                "name": str(config.text_tokenizer_name),
+                "sha256": text_tokenizer_sha256(self.policy._paligemma_tokenizer),
+            },
+            "action_tokenizer": {
+                "name": str(config.action_tokenizer_name),
+                "sha256": action_tokenizer_sha256(self.policy.action_tokenizer),
+            },
             "tokenizer_max_length": config.tokenizer_max_length,
             "image_keys": self.image_keys,
             "image_resolution": list(config.image_resolution),
@@ -213,6 +209,41 @@ class Pi0FastAdapter:
             "hidden_dim": self.hidden_dim,
             "prefix_layout": "images+prompt",
         }
+
+
+def text_tokenizer_sha256(tokenizer: Any) -> str:
+    """sha256 of what a Hugging Face tokenizer does: its vocabulary, merges, normaliser, pre- and
+    post-processing and special tokens. Independent of where it was loaded from.
+
+    For a fast tokenizer that is its `tokenizers` serialisation from "added_tokens" on: the keys
+    before it (format version, and the truncation and padding settings that each call may change)
+    are left out. Hashing the serialised string as it is takes ~0.5 s for a 257k-token vocabulary;
+    parsing and re-sorting the JSON would take three times that."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        serialised = backend.to_str()
+        content = serialised[max(serialised.find('"added_tokens":'), 0) :]
+    else:  # a slow (Python) tokenizer: its vocabulary
+        content = sorted(tokenizer.get_vocab().items())
+    special = {key: str(value) for key, value in tokenizer.special_tokens_map.items()}
+    return _json_sha256({"tokenizer": content, "special_tokens": special})
+
+
+#: the FAST action tokenizer's settings that lerobot's pi0-fast reads besides its BPE
+_FAST_SETTINGS = ("scale", "min_token", "max_token", "time_horizon", "action_dim")
+
+
+def action_tokenizer_sha256(tokenizer: Any) -> str:
+    """sha256 of a FAST action tokenizer's content: its BPE tokenizer and its quantisation settings."""
+    bpe = getattr(tokenizer, "bpe_tokenizer", None)
+    if bpe is None:
+        raise TypeError(f"{type(tokenizer).__name__} is not a FAST action tokenizer (no bpe_tokenizer)")
+    settings = {name: getattr(tokenizer, name) for name in _FAST_SETTINGS if getattr(tokenizer, name, None) is not None}
+    return _json_sha256({"bpe": text_tokenizer_sha256(bpe), **{k: repr(v) for k, v in settings.items()}})
+
+
+def _json_sha256(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _capture(store: dict[int, torch.Tensor], index: int):

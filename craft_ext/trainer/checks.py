@@ -2,14 +2,15 @@
 
 Covered: the run asks for lerobot features or an accelerate mode this trainer does not implement;
 the dataset does not exist; the anchor cache is missing, corrupt, or was built for another model (checked against the
-student adapter once the policy is built).
+student adapter once the policy is built). After the first step: whether the student starts at the cache's teacher.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from ..anchors.manifest import AnchorCacheError
+from ..anchors.manifest import AnchorCacheError, Manifest
 from ..anchors.reader import AnchorCache
 from ..anchors.validate import check_compatible
 from ..config import CraftConfig, CraftTrainPipelineConfig
@@ -57,7 +58,8 @@ def check_dataset_exists(cfg: CraftTrainPipelineConfig) -> None:
 
 
 def open_anchor_cache(craft: CraftConfig) -> AnchorCache:
-    """Open (and with --craft.verify_cache, checksum) the cache; errors name the path and the problem."""
+    """Open the cache (its rows are checked against their hashes whenever they are read; with
+    --craft.verify_cache every shard's sha256 is also checked now); errors name the path and the problem."""
     try:
         cache = AnchorCache(craft.anchor_cache)
         if craft.verify_cache:
@@ -73,3 +75,30 @@ def check_cache_fits(cache: AnchorCache, adapter: PolicyAdapter) -> None:
         check_compatible(cache.manifest, adapter)
     except AnchorCacheError as exc:
         raise AnchorCacheError(f"--craft.anchor_cache={cache.directory}: {exc}") from exc
+
+
+#: the first anchor batch's normalised L_ret above which a fresh run does not start at the teacher.
+#: Storage rounding stays far below (float32: ~0, bfloat16: ~1e-5, up to ~1e-4 with outlier
+#: dimensions); another checkpoint than the teacher is typically 1e-2 and more.
+STUDENT_AT_TEACHER_TOLERANCE = 1e-3
+
+
+def check_student_matches_teacher(first_loss_ret: float, resumed: bool, manifest: Manifest, distance: str) -> str | None:
+    """A warning when a fresh run's student is not the teacher the cache was built from, else None.
+
+    ``first_loss_ret``: L_ret of the first step's anchor batch (computed before any update, so a
+    student loaded from the teacher's checkpoint gives ~0). This is the teacher check that costs
+    nothing: weights are never hashed. A resumed run has moved on by design: no warning."""
+    if resumed:
+        return None
+    normalised, variance = first_loss_ret, sum(manifest.layer_var) / len(manifest.layer_var)
+    if distance == "mse" and variance > 0:  # put plain MSE on the normalised scale of the tolerance
+        normalised = first_loss_ret / variance
+    if math.isfinite(normalised) and normalised <= STUDENT_AT_TEACHER_TOLERANCE:
+        return None
+    return (
+        f"the student does not start at the anchor cache's teacher: the first anchor batch's retention loss is "
+        f"{first_loss_ret:.3g} ({distance}), a student loaded from the teacher gives ~0 (<= {STUDENT_AT_TEACHER_TOLERANCE:g}); "
+        f"the cache was built from {manifest.settings.teacher.path}: train from that checkpoint (--policy.path), "
+        "or rebuild the cache from the one you start from"
+    )

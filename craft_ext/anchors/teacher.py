@@ -1,7 +1,10 @@
-"""Building a cache from a teacher policy: which frames, the teacher forward, and the self-check.
+"""The teacher side of a cache build: which dataset frames become anchors, and the teacher forward
+that turns them into shards.
 
 Model-facing half of the cache (the writer knows nothing of models). Batches are formed inside a
 shard only, so a shard's bytes depend on the settings alone and a resumed build reproduces them.
+The self-check that the teacher reproduces its cache is a retention-loss check:
+``craft_ext.retention.check_teacher_reproduces``.
 """
 
 from __future__ import annotations
@@ -12,10 +15,8 @@ import numpy as np
 import torch
 
 from ..policies.base import PolicyAdapter
-from ..retention import row_distance
 from .features import anchor_features
 from .manifest import HIDDEN_DTYPES, AnchorCacheError
-from .reader import AnchorCache
 from .writer import AnchorCacheWriter
 
 
@@ -82,32 +83,3 @@ def _cat(what: str, parts: list[torch.Tensor]) -> torch.Tensor:
             "pad to a fixed length (pi0-fast: padding='max_length')"
         )
     return torch.cat(parts)
-
-
-def check_teacher_reproduces(adapter: PolicyAdapter, cache: AnchorCache, device: str | torch.device, rows: int = 4) -> float:
-    """The cache's own teacher must give L_ret == 0 up to the storage dtype's rounding.
-
-    Catches a non-deterministic forward, a teacher/student path mismatch or broken storage right
-    after building, when it is cheap to fix. Returns the largest normalised L_ret seen."""
-    manifest = cache.manifest
-    hidden_cfg = manifest.settings.hidden
-    picks = sorted({int(round(x)) for x in np.linspace(0, len(cache) - 1, min(rows, len(cache)))})
-    batch = cache.gather(picks).to(device)
-    with torch.no_grad():
-        student, _ = anchor_features(adapter, batch.inputs, hidden_cfg.layers, hidden_cfg.pooling)
-        if student.shape != batch.hidden.shape:
-            raise AnchorCacheError(
-                f"self-check: the teacher now gives hidden states of shape {list(student.shape)}, the cache "
-                f"stores {list(batch.hidden.shape)}"
-            )
-        kwargs = dict(mask=batch.mask, distance="normalized_mse", layer_var=manifest.layer_var)
-        got = row_distance(student, batch.hidden, **kwargs)
-        rounding = row_distance(student, student.to(HIDDEN_DTYPES[hidden_cfg.dtype]), **kwargs)
-    worst = float(got.max())
-    if bool((got > 2 * rounding + 1e-6).any()):
-        raise AnchorCacheError(
-            f"self-check failed: the teacher does not reproduce its own cache (normalised L_ret per row "
-            f"{got.tolist()}, {hidden_cfg.dtype} rounding alone gives {rounding.tolist()}): the forward is "
-            "non-deterministic or the stored inputs do not give the same prefix"
-        )
-    return worst
