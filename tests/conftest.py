@@ -29,7 +29,8 @@ def _offline_hf_home():
 @pytest.fixture(scope="session")
 def offline_kit_dir(tmp_path_factory) -> Path:
     """DIR of the offline kit, built once per session with the CLI's defaults (~10-20 s):
-    DIR/tokenizers/{text,fast}, DIR/policy (tiny pi0-fast trained on task A), DIR/datasets/{task_a,task_b}.
+    DIR/policy (tiny pi0-fast of lerobot type pi0_fast_tiny, trained on task A, with its tokenizers in
+    DIR/policy/tokenizers/{text,fast}), DIR/datasets/{task_a,task_b}.
 
     `craft_ext.offline_kit.build.KitLayout.at(DIR)` gives the same paths as attributes. Read-only:
     tests that modify a checkpoint copy it first.
