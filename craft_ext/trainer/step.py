@@ -7,24 +7,37 @@ steps without one pass `retain=None`, so G = T exactly, clipped in one pass over
 read nor written. With `--craft.enable=false` there is no R at all (no second gradient's worth of
 memory): the baseline runs the same code otherwise.
 
+Gradient accumulation (N > 1 micro-batches per step): the step's frames come as N micro-batches and
+its anchors as N anchor batches; each gets its own forward and backward, accumulating in place into T
+(then R), so the activations are one micro-batch's while T, R, the surgery and the optimiser step are
+one per step. Each micro-batch's loss is weighted by its share of the step's loss terms (the
+adapter's `task_loss_weight`: pi0-fast's target tokens; anchor rows for L_ret), so T, R and the
+reported losses are those of the whole batch: N micro-batches of B frames give the step of one batch
+of N*B up to rounding. `split_frames` cuts one loader batch of N*B frames into the micro-batches, so
+the frames of a step do not depend on N.
+
 Host synchronisation: exactly one per step, `StepOutput.read()`, after the merge and before the
 optimiser. It is needed there: a non-finite step must be skipped before the optimiser applies it,
 and the dual update (host side) needs L_ret. The same read carries every metric of the step, so
-logging adds none. Multi-process runs average the step's losses over ranks on the device, in the
-same all-reduce call as the gradients and before the surgery (the `active` projection compares the
-global L_ret with epsilon): the read then carries the means, and every rank makes the same decisions.
+logging adds none. Multi-process runs weight every micro-batch by its share of the loss terms of the
+step's global batch (`craft_ext.distributed.loss_shares`), sum T and R over ranks while their last
+backward runs (`BucketReducer`; with FSDP2 shards, FSDP's reduce-scatter), and take the surgery's
+decision from one small all-reduce of the losses, with the stats of the shards
+(`distributed_surgery_`): the read carries the global losses, and every rank makes the same decisions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..anchors.manifest import Manifest
 from ..anchors.reader import AnchorBatch
-from ..distributed import all_reduce_mean_
+from ..distributed import DEFAULT_BUCKET_BYTES, BucketReducer, distributed_surgery_, loss_shares
 from ..policies.base import PolicyAdapter
 from ..retention import retention_loss
 from ..surgery import GradBuffers, surgery_
@@ -72,6 +85,7 @@ class CraftStep:
         tau: float,
         merge: str,
         max_norm: float | None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> None:
         if accelerator.scaler is not None:
             raise ValueError("fp16 mixed precision (a GradScaler) is not supported by the CRaFT step: use bf16")
@@ -79,38 +93,76 @@ class CraftStep:
         self.adapter, self.optimizer, self.scheduler, self.accelerator = adapter, optimizer, scheduler, accelerator
         self.manifest, self.distance = manifest, distance
         self.surgery_options = {"project": project, "tau": tau, "mode": merge, "max_norm": max_norm}
+        self.device = self.bufs.task.flats[0].device
         self.distributed = accelerator.num_processes > 1
+        # replicated data parallel: T and R are summed over ranks during their backward; FSDP2 shards
+        # (`craft_ext.trainer.sharding`) are reduce-scattered by FSDP itself
+        replicated = self.distributed and not self.bufs.task.sharded
+        self.reducer = BucketReducer(self.bufs, bucket_bytes=bucket_bytes) if replicated else None
 
-    def compute(self, batch: dict, anchors: AnchorBatch | None, lam: float, *, epsilon: float | None) -> StepOutput:
+    def compute(
+        self,
+        batch: dict | Sequence[dict],
+        anchors: AnchorBatch | Sequence[AnchorBatch] | None,
+        lam: float,
+        *,
+        epsilon: float | None,
+    ) -> StepOutput:
         """Backward passes and the merge: G is in T when this returns (nothing applied yet).
 
-        `anchors` is None on steps without retention. `epsilon` is this step's tolerance epsilon_t (the
+        `batch`: the step's preprocessed task batch, or its micro-batches (`split_frames`, then the
+        preprocessor on each). `anchors`: None on steps without retention, else the step's anchor
+        batch or batches (one per micro-batch). `epsilon` is this step's tolerance epsilon_t (the
         `active` projection compares L_ret with it on the device); None in plain runs.
         """
+        batches = [batch] if isinstance(batch, dict) else list(batch)
         self.bufs.task.zero_()
-        with self.accelerator.autocast():
-            loss_task = self.adapter.task_loss(batch)
-        self.accelerator.backward(loss_task)
-        loss_task = loss_task.detach().float()
+        loss_task = self._backward(batches, self.adapter.task_loss, self.adapter.task_loss_weight, "task")
 
         loss_ret = None
         if anchors is not None:
             if epsilon is None:
                 raise ValueError("CraftStep.compute: a retention step needs epsilon (the step's tolerance)")
+            anchors = [anchors] if isinstance(anchors, AnchorBatch) else list(anchors)
             self.bufs.retain.zero_()
             self.bufs.use("retain")
-            with self.accelerator.autocast():
-                loss_ret = retention_loss(self.adapter, anchors, self.manifest, distance=self.distance)
-            self.accelerator.backward(loss_ret)
+            loss_ret = self._backward(anchors, self._retention_loss, _rows, "retain")  # L_ret: a mean over rows
             self.bufs.use("task")
-            loss_ret = loss_ret.detach().float()
         retain = self.bufs.retain if loss_ret is not None else None
-        if self.distributed:  # every rank then holds the same T, R and losses, hence the same G
-            losses = torch.stack([loss_task] + ([loss_ret] if loss_ret is not None else []))
-            all_reduce_mean_(self.bufs.task, *([retain] if retain is not None else []), losses)
-            loss_task, loss_ret = losses[0], (losses[1] if loss_ret is not None else None)
-        out = surgery_(self.bufs.task, retain, lam, loss_ret=loss_ret, epsilon=epsilon, **self.surgery_options)
-        return StepOutput(loss_task, loss_ret, out)
+        if not self.distributed:
+            out = surgery_(self.bufs.task, retain, lam, loss_ret=loss_ret, epsilon=epsilon, **self.surgery_options)
+            return StepOutput(loss_task, loss_ret, out)
+        if self.reducer is not None:
+            self.reducer.wait()  # T and R are now sums over ranks of the shares: every rank holds the same G
+        local = torch.stack([loss_task] + ([loss_ret] if loss_ret is not None else []))
+        out, losses = distributed_surgery_(self.bufs.task, retain, lam, local, epsilon=epsilon, **self.surgery_options)
+        return StepOutput(losses[0], losses[1] if loss_ret is not None else None, out)
+
+    def _backward(self, parts: list, loss_of: Callable, terms_of: Callable, kind: str) -> torch.Tensor:
+        """Forward and backward of each part into the `kind` buffer (which `param.grad` points at),
+        its loss weighted by its share of the step's loss terms (`terms_of`), over all ranks in
+        multi-process runs; the buffer is summed over ranks during the last part's backward. Returns
+        the weighted loss sum (detached, float32): this rank's share of the step's loss."""
+        shares = None
+        if len(parts) > 1 or self.distributed:
+            counts = torch.stack([_device_count(terms_of(part), self.device) for part in parts])
+            shares = loss_shares(counts) if self.distributed else counts / counts.sum().clamp_min(1.0)
+        storage = self.bufs.task if kind == "task" else self.bufs.retain
+        total = None
+        for i, part in enumerate(parts):
+            with self.accelerator.autocast():
+                loss = loss_of(part)
+            if shares is not None:
+                loss = loss * shares[i]
+            last = i == len(parts) - 1
+            with self.reducer.reducing(storage, kind) if last and self.reducer is not None else contextlib.nullcontext():
+                self.accelerator.backward(loss)
+            loss = loss.detach().float()
+            total = loss if total is None else total + loss
+        return total
+
+    def _retention_loss(self, anchors: AnchorBatch) -> torch.Tensor:
+        return retention_loss(self.adapter, anchors, self.manifest, distance=self.distance)
 
     def finish(self, output: StepOutput, host: dict[str, float]) -> bool:
         """Apply G unless the step is non-finite. Returns True if the step was applied."""
@@ -120,3 +172,35 @@ class CraftStep:
         if self.scheduler is not None:
             self.scheduler.step()  # the schedule follows the step count, applied or not
         return applied
+
+
+def split_frames(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """One collated loader batch as `parts` micro-batches of consecutive frames (slices: views, no
+    copies). N*B frames give N micro-batches of B; a short last batch gives near-equal ones (sizes as
+    `torch.tensor_split`, empty ones dropped). Values that are not per-frame are shared."""
+    if parts == 1:
+        return [batch]
+    size = next(len(v) for v in batch.values() if isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() > 0))
+    small, extra = divmod(size, parts)
+    edges = [i * small + min(i, extra) for i in range(parts + 1)]
+    return [
+        {k: v[a:b] if _per_frame(v, size) else v for k, v in batch.items()}
+        for a, b in zip(edges, edges[1:])
+        if b > a
+    ]
+
+
+def _per_frame(value: Any, size: int) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() > 0 and value.shape[0] == size
+    return isinstance(value, (list, tuple)) and len(value) == size
+
+
+
+def _rows(anchors: AnchorBatch) -> int:
+    return anchors.hidden.shape[0]
+
+
+def _device_count(count: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """A float32 0-d device tensor; a host number is filled in on the device (a copy would sync)."""
+    return count.float() if isinstance(count, torch.Tensor) else torch.full((), float(count), device=device)
