@@ -9,7 +9,7 @@ Semantics:
 - ``grad_stats(a, b)`` -> float32[3] = (a.b, a.a, b.b) over 1-D contiguous float32/bfloat16/float16
   buffers of equal length and dtype, accumulated in fp32 or better. Empty buffers give zeros.
 - ``grad_combine_(a, b, coef)``: a <- coef[0] * a + coef[1] * b in place, computed in fp32; coef is a
-  float32[2] tensor on a's device, read by the kernel (no host synchronisation).
+  float32[2] tensor (any strides) on a's device, read by the kernel (no host synchronisation).
 - ``hidden_mse(student, teacher, mask=None)`` -> float32[B]: per-sample mean of (student - teacher)^2
   over all non-batch dims. With a bool mask [B, T] (student [B, T, D] or [B, L, T, D]) masked-out
   tokens are excluded from sum and count. A sample with nothing to compare has loss 0 and zero
@@ -97,28 +97,104 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torc
     return _op("hidden_mse")(student, teacher, mask)
 
 
+# ---------------------------------------------------------------------------------------------
+# Argument checks of the fake (meta) kernels: the same conditions and messages as csrc/checks.h, so a
+# mistake fails the same way under torch.compile / FakeTensor tracing as in eager mode.
+
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_grad_buffer(t: torch.Tensor, name: str) -> None:
+    torch._check(t.dim() == 1, lambda: f"craft: {name} must be a 1-D flat gradient buffer, got a {t.dim()}-D tensor")
+    torch._check(t.is_contiguous(), lambda: f"craft: {name} must be contiguous")
+    torch._check(t.dtype in _GRAD_DTYPES, lambda: f"craft: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_buffer_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    _check_grad_buffer(a, "a")
+    _check_grad_buffer(b, "b")
+    torch._check(
+        a.numel() == b.numel(),
+        lambda: f"craft: a and b must have the same number of elements, got {a.numel()} and {b.numel()}",
+    )
+    torch._check(a.dtype == b.dtype, lambda: f"craft: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    torch._check(a.device == b.device, lambda: f"craft: a and b must be on the same device, got {a.device} and {b.device}")
+
+
+def _check_coef(coef: torch.Tensor, a: torch.Tensor) -> None:
+    torch._check(
+        coef.dtype == torch.float32 and coef.dim() == 1 and coef.numel() == 2,
+        lambda: f"craft: coef must be a float32 tensor of shape [2], got {coef.dtype} {list(coef.shape)}",
+    )
+    torch._check(coef.device == a.device, lambda: f"craft: coef must be on a's device ({a.device}), got {coef.device}")
+
+
+def _check_hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    torch._check(student.dim() >= 1, lambda: "craft: student must have a batch dimension, got a 0-D tensor")
+    torch._check(
+        student.shape == teacher.shape,
+        lambda: f"craft: student and teacher must have the same shape, got {list(student.shape)} and {list(teacher.shape)}",
+    )
+    torch._check(
+        student.dtype in (torch.float32, torch.bfloat16),
+        lambda: f"craft: student must be float32 or bfloat16, got {student.dtype}",
+    )
+    torch._check(
+        teacher.dtype in _GRAD_DTYPES, lambda: f"craft: teacher must be float32, bfloat16 or float16, got {teacher.dtype}"
+    )
+    torch._check(
+        student.device == teacher.device,
+        lambda: f"craft: student and teacher must be on the same device, got {student.device} and {teacher.device}",
+    )
+    if mask is None:
+        return
+    torch._check(
+        student.dim() in (3, 4),
+        lambda: f"craft: a mask needs student of shape [B, T, D] or [B, L, T, D], got {list(student.shape)}",
+    )
+    torch._check(mask.dtype == torch.bool, lambda: f"craft: mask must be bool, got {mask.dtype}")
+    torch._check(
+        mask.dim() == 2 and mask.shape[0] == student.shape[0] and mask.shape[1] == student.shape[-2],
+        lambda: f"craft: mask must have shape [B, T] = [{student.shape[0]}, {student.shape[-2]}], got {list(mask.shape)}",
+    )
+    torch._check(
+        mask.device == student.device,
+        lambda: f"craft: mask must be on student's device ({student.device}), got {mask.device}",
+    )
+
+
+def _check_hidden_mse_grad(grad: torch.Tensor, student: torch.Tensor) -> None:
+    torch._check(
+        grad.dtype == torch.float32 and grad.dim() == 1 and grad.shape[0] == student.shape[0],
+        lambda: f"craft: grad must be float32 of shape [{student.shape[0]}], got {grad.dtype} {list(grad.shape)}",
+    )
+    torch._check(grad.device == student.device, lambda: f"craft: grad must be on student's device, got {grad.device}")
+
+
 if _C is not None:
 
     @torch.library.register_fake("craft::grad_stats")
     def _grad_stats_fake(a, b):
-        torch._check(a.dim() == 1 and b.dim() == 1, lambda: "craft: a and b must be 1-D flat gradient buffers")
-        torch._check(a.shape == b.shape, lambda: "craft: a and b must have the same number of elements")
-        torch._check(a.dtype == b.dtype, lambda: "craft: a and b must have the same dtype")
+        _check_buffer_pair(a, b)
         return a.new_empty((3,), dtype=torch.float32)
 
     @torch.library.register_fake("craft::grad_combine_")
     def _grad_combine_fake(a, b, coef):
-        torch._check(a.shape == b.shape, lambda: "craft: a and b must have the same number of elements")
+        _check_buffer_pair(a, b)
+        _check_coef(coef, a)
         return None
 
+    # The real kernels return fresh contiguous tensors whatever the inputs' strides: so must these.
     @torch.library.register_fake("craft::hidden_mse")
     def _hidden_mse_fake(student, teacher, mask):
-        torch._check(student.shape == teacher.shape, lambda: "craft: student and teacher must have the same shape")
+        _check_hidden_mse(student, teacher, mask)
         return student.new_empty((student.shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("craft::hidden_mse_backward")
     def _hidden_mse_backward_fake(grad, student, teacher, mask):
-        return torch.empty_like(student)
+        _check_hidden_mse(student, teacher, mask)
+        _check_hidden_mse_grad(grad, student)
+        return student.new_empty(student.shape)
 
     def _hidden_mse_setup_context(ctx, inputs, output):
         student, teacher, mask = inputs

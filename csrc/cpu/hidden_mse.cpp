@@ -25,28 +25,68 @@ int64_t valid_elements(const MseShape& s, const bool* mask, int64_t b) {
 }
 
 template <typename S, typename T>
-CRAFT_CPU_CLONES double squared_error(const S* x, const T* y, int64_t n) {
+CRAFT_CPU_CLONES double squared_error(const S* s, const T* t, int64_t n) {
   double total = 0;
   int64_t i = 0;
   for (; i + kFlush <= n; i += kFlush) {
+    float bx[kFlush], by[kFlush];  // float16 only
+    const auto* x = block(s + i, bx, kFlush);
+    const auto* y = block(t + i, by, kFlush);
     float lane[kLanes] = {};
     for (int64_t j = 0; j < kFlush; j += kLanes) {
       for (int k = 0; k < kLanes; ++k) {
-        const float d = to_float(x[i + j + k]) - to_float(y[i + j + k]);
+        const float d = to_float(x[j + k]) - to_float(y[j + k]);
         lane[k] += d * d;
       }
     }
     for (int k = 0; k < kLanes; ++k) total += lane[k];
   }
-  for (; i < n; ++i) {
-    const double d = static_cast<double>(to_float(x[i])) - static_cast<double>(to_float(y[i]));
-    total += d * d;
+  if (i < n) {
+    float bx[kFlush], by[kFlush];
+    const auto* x = block(s + i, bx, n - i);
+    const auto* y = block(t + i, by, n - i);
+    for (int64_t j = 0; j < n - i; ++j) {
+      const double d = static_cast<double>(to_float(x[j])) - static_cast<double>(to_float(y[j]));
+      total += d * d;
+    }
   }
   return total;
 }
 
+// out = scale * (s - t) over one row of n values.
+template <typename S, typename T>
+CRAFT_CPU_CLONES void scaled_difference(const S* s, const T* t, float scale, int64_t n, S* out) {
+  for (int64_t i = 0; i < n; i += kFlush) {
+    const int64_t len = std::min(kFlush, n - i);
+    float bx[kFlush], by[kFlush];  // float16 only
+    const auto* x = block(s + i, bx, len);
+    const auto* y = block(t + i, by, len);
+    store_block(out + i, len, [&](int64_t j) { return scale * (to_float(x[j]) - to_float(y[j])); });
+  }
+}
+
+// How a sample is cut into work: rows of row_len elements. Masked problems use their real rows (a
+// token of one layer), so a masked-out row is skipped whole; unmasked samples are cut into rows of
+// kChunk elements (the last one shorter), so one large sample still spreads over every thread. The
+// cut depends only on the shape: the reduction order, hence the result, never depends on threads.
+struct Rows {
+  int64_t per_sample, row_len, count;
+  int64_t len(int64_t r) const { return std::min(row_len, per_sample - r * row_len); }
+};
+
+Rows rows_of(const MseShape& s, bool masked) {
+  const int64_t per_sample = s.per_sample();
+  if (masked) return {per_sample, s.dim, s.rows()};
+  const int64_t row_len = std::max<int64_t>(1, std::min(per_sample, kChunk));
+  return {per_sample, row_len, (per_sample + row_len - 1) / row_len};
+}
+
 // Rows per work item: about kChunk elements, so work splits evenly whatever B and D are.
-int64_t rows_per_item(const MseShape& s) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, s.dim)); }
+int64_t rows_per_item(const Rows& rows) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, rows.row_len)); }
+
+bool row_kept(const MseShape& s, const bool* mask, int64_t b, int64_t r) {
+  return mask == nullptr || mask[b * s.tokens + r % s.tokens];
+}
 
 at::Tensor hidden_mse_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                           const std::optional<at::Tensor>& mask_in) {
@@ -57,9 +97,9 @@ at::Tensor hidden_mse_cpu(const at::Tensor& student_in, const at::Tensor& teache
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const bool* pm = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
 
-  const int64_t rows = s.rows();
-  const int64_t per_item = rows_per_item(s);
-  const int64_t items_per_sample = rows == 0 ? 0 : (rows + per_item - 1) / per_item;
+  const Rows rows = rows_of(s, pm != nullptr);
+  const int64_t per_item = rows_per_item(rows);
+  const int64_t items_per_sample = (rows.count + per_item - 1) / per_item;
   std::vector<double> partial(s.batch * items_per_sample, 0.0);
 
   dispatch_mse_types(student.scalar_type(), teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
@@ -67,16 +107,18 @@ at::Tensor hidden_mse_cpu(const at::Tensor& student_in, const at::Tensor& teache
     using T = decltype(t_tag);
     const S* ps = student.const_data_ptr<S>();
     const T* pt = teacher.const_data_ptr<T>();
-    at::parallel_for(0, s.batch * items_per_sample, 1, [&](int64_t begin, int64_t end) {
+    const int64_t item_elements = std::max<int64_t>(1, std::min(per_item * rows.row_len, rows.per_sample));
+    const int64_t grain = std::max<int64_t>(1, kGrain / item_elements);
+    at::parallel_for(0, s.batch * items_per_sample, grain, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / items_per_sample;
         const int64_t r0 = (item % items_per_sample) * per_item;
-        const int64_t r1 = std::min(rows, r0 + per_item);
+        const int64_t r1 = std::min(rows.count, r0 + per_item);
         double acc = 0;
         for (int64_t r = r0; r < r1; ++r) {
-          if (pm != nullptr && !pm[b * s.tokens + r % s.tokens]) continue;
-          const int64_t off = (b * rows + r) * s.dim;
-          acc += squared_error(ps + off, pt + off, s.dim);
+          if (!row_kept(s, pm, b, r)) continue;
+          const int64_t off = b * rows.per_sample + r * rows.row_len;
+          acc += squared_error(ps + off, pt + off, rows.len(r));
         }
         partial[item] = acc;
       }
@@ -105,7 +147,7 @@ at::Tensor hidden_mse_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const bool* pm = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   at::Tensor out = at::empty(student.sizes(), student.options());
-  const int64_t rows = s.rows();
+  const Rows rows = rows_of(s, pm != nullptr);
   const float* pg = grad.const_data_ptr<float>();
 
   std::vector<float> scale(s.batch);
@@ -119,18 +161,17 @@ at::Tensor hidden_mse_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
     const S* ps = student.const_data_ptr<S>();
     const T* pt = teacher.const_data_ptr<T>();
     S* po = out.mutable_data_ptr<S>();
-    at::parallel_for(0, s.batch * rows, std::max<int64_t>(1, rows_per_item(s)), [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, rows.row_len));  // in rows
+    at::parallel_for(0, s.batch * rows.count, grain, [&](int64_t begin, int64_t end) {
       for (int64_t br = begin; br < end; ++br) {
-        const int64_t b = br / std::max<int64_t>(1, rows);
-        const bool keep = pm == nullptr || pm[b * s.tokens + (br % rows) % s.tokens];
-        const int64_t off = br * s.dim;
-        if (!keep) {  // masked rows are never read: whatever they hold, their gradient is 0
-          std::fill(po + off, po + off + s.dim, S(0.0f));
+        const int64_t b = br / rows.count, r = br % rows.count;
+        const int64_t off = b * rows.per_sample + r * rows.row_len;
+        const int64_t len = rows.len(r);
+        if (!row_kept(s, pm, b, r)) {  // masked rows are never read: whatever they hold, their gradient is 0
+          std::fill(po + off, po + off + len, S(0.0f));
           continue;
         }
-        const float k = scale[b];
-        for (int64_t d = 0; d < s.dim; ++d)
-          po[off + d] = static_cast<S>(k * (to_float(ps[off + d]) - to_float(pt[off + d])));
+        scaled_difference(ps + off, pt + off, scale[b], len, po + off);
       }
     });
   });

@@ -1,10 +1,13 @@
-// CUDA grad_stats: (a.b, a.a, b.b) in one pass. Stage 1: grid-stride loop with 16-byte loads,
+// CUDA grad_stats: (a.b, a.a, b.b) in one pass. Stage 1: grid-stride loop with 16-byte loads (see
+// PackSplit for offset views),
 // per-thread double accumulators, one partial per block. Stage 2: one block sums the partials in a
 // fixed order. No atomics, so the result is bitwise reproducible; no host synchronisation.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "../checks.h"
 #include "../dispatch.h"
@@ -14,34 +17,31 @@ namespace craft::cuda {
 namespace {
 
 template <typename T>
-__global__ void stats_partial_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
-                                     bool vectorised, double* __restrict__ partial) {
+__global__ void stats_partial_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, PackSplit split,
+                                     double* __restrict__ partial) {
   constexpr int V = 16 / sizeof(T);
   double acc[3] = {0.0, 0.0, 0.0};
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if (vectorised) {
-    const int64_t nvec = n / V;
-    const auto* pa = reinterpret_cast<const Pack<T, V>*>(a);
-    const auto* pb = reinterpret_cast<const Pack<T, V>*>(b);
-    for (int64_t i = start; i < nvec; i += stride) {
-      const Pack<T, V> x = pa[i], y = pb[i];
-      float ab = 0.f, aa = 0.f, bb = 0.f;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const auto* pa = reinterpret_cast<const Pack<T, V>*>(a + split.head);
+  const auto* pb = reinterpret_cast<const Pack<T, V>*>(b + split.head);
+  for (int64_t i = start; i < split.packs; i += stride) {
+    const Pack<T, V> x = pa[i], y = pb[i];
+    float ab = 0.f, aa = 0.f, bb = 0.f;
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float u = to_float(x.v[k]), w = to_float(y.v[k]);
-        ab = fmaf(u, w, ab);
-        aa = fmaf(u, u, aa);
-        bb = fmaf(w, w, bb);
-      }
-      acc[0] += ab;
-      acc[1] += aa;
-      acc[2] += bb;
+    for (int k = 0; k < V; ++k) {
+      const float u = to_float(x.v[k]), w = to_float(y.v[k]);
+      ab = fmaf(u, w, ab);
+      aa = fmaf(u, u, aa);
+      bb = fmaf(w, w, bb);
     }
-    done = nvec * V;
+    acc[0] += ab;
+    acc[1] += aa;
+    acc[2] += bb;
   }
-  for (int64_t i = done + start; i < n; i += stride) {
+  const int64_t scalars = split.scalars(n, V);
+  for (int64_t j = start; j < scalars; j += stride) {
+    const int64_t i = split.scalar_index(j, V);
     const double u = to_float(a[i]), w = to_float(b[i]);
     acc[0] += u * w;
     acc[1] += u * u;
@@ -72,11 +72,11 @@ at::Tensor grad_stats_cuda(const at::Tensor& a, const at::Tensor& b) {
     using T = decltype(tag);
     const T* pa = a.const_data_ptr<T>();
     const T* pb = b.const_data_ptr<T>();
-    const bool vectorised = aligned16(pa) && aligned16(pb);
-    const int blocks = n == 0 ? 0 : grid_for(vectorised ? n / (16 / sizeof(T)) : n);
+    const PackSplit split = split_for_packs<T>(pa, pb, n);
+    const int blocks = n == 0 ? 0 : grid_for(std::max(split.packs, split.scalars(n, 16 / sizeof(T))), a.get_device());
     at::Tensor partial = at::empty({3 * std::max(blocks, 1)}, a.options().dtype(at::kDouble));
     if (blocks > 0) {
-      stats_partial_kernel<T><<<blocks, kThreads, 0, stream>>>(pa, pb, n, vectorised,
+      stats_partial_kernel<T><<<blocks, kThreads, 0, stream>>>(pa, pb, n, split,
                                                                 partial.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
