@@ -21,7 +21,8 @@ from lerobot.policies import make_pre_post_processors
 from lerobot.policies.factory import make_policy
 
 from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
-from craft_ext.policies.loading import preprocessor_overrides
+from craft_ext.policies import make_adapter
+from craft_ext.policies.loading import load_policy, preprocessor_overrides
 from craft_ext.trainer import train
 
 from test_train import _CrashAt, _never_trains, anchor_cache, cli_args, kit, losses, make_config, one_thread, run_cli  # noqa: F401
@@ -106,6 +107,18 @@ def test_lora_checkpoint_loads_with_lerobots_peft_loader_and_acts(kit, anchor_ca
     policy.eval()
     action = postprocessor(policy.select_action(preprocessor(frame)))
     assert action.shape == (1, 4) and torch.isfinite(action).all()
+
+    # craft_ext's own loader (eval, cache building) merges the adapter into its base: same model
+    merged = load_policy(saved)
+    assert not isinstance(merged, PeftModel) and not any("lora_" in n for n, _ in merged.named_parameters())
+    batch = preprocessor(frame)
+    with torch.no_grad():
+        expected = make_adapter(policy).task_loss(batch)
+        got = make_adapter(merged).task_loss(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    base = dict(load_policy(kit.policy).named_parameters())
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base[n])]
+    assert changed and all(re.search(r"\.(q_proj|v_proj)\.weight$", n) for n in changed), changed
 
 
 def test_lora_resume_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_path, one_thread, monkeypatch, capsys):

@@ -47,6 +47,10 @@ class PolicyAdapter(Protocol):
     def task_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scalar training loss of the policy on a preprocessed dataset batch."""
 
+    def task_loss_weight(self, batch: dict[str, Any]) -> torch.Tensor:
+        """How many terms `task_loss` averages over, as a device tensor: micro-batches accumulated
+        into one step are weighted by it, so together they give the whole batch's loss."""
+
     def anchor_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Model-ready inputs to store in the cache for a preprocessed batch (uint8 images per
         camera, token ids, token mask, state if used). Keys and dtypes are stable."""

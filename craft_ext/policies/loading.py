@@ -35,16 +35,36 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def load_policy(policy_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedPolicy:
-    """Load a saved lerobot policy onto `device`, in eval mode, through its class's `from_pretrained`."""
+    """Load a saved lerobot policy onto `device`, in eval mode, through its class's `from_pretrained`.
+
+    A PEFT (LoRA) checkpoint (`use_peft` in its config.json: adapter weights plus the path of the base
+    policy, as lerobot writes them) is loaded on its base and merged into it, so the result is an
+    ordinary policy of the base's class that computes what the adapted model computes."""
     policy_dir = Path(policy_dir)
     if not (policy_dir / "config.json").is_file():
         raise FileNotFoundError(f"{policy_dir} is not a saved lerobot policy (no config.json)")
     config = PreTrainedConfig.from_pretrained(policy_dir)
+    if config.use_peft:
+        return _load_peft_policy(policy_dir, device)
     config.device = str(device)
     config.pretrained_path = policy_dir
     policy = get_policy_class(config.type).from_pretrained(policy_dir, config=config)
     _check_weights_loaded(policy, policy_dir / WEIGHTS_FILE)
     return policy
+
+
+def _load_peft_policy(adapter_dir: Path, device: str | torch.device) -> PreTrainedPolicy:
+    from peft import PeftConfig, PeftModel
+
+    base_dir = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    if not base_dir or not (Path(base_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter_dir} is a PEFT adapter whose base policy {base_dir!r} (adapter_config.json: "
+            "base_model_name_or_path) is not a saved lerobot policy on this machine"
+        )
+    base = load_policy(base_dir, device)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return merged.eval()
 
 
 def preprocessor_overrides(config: PreTrainedConfig) -> dict[str, dict[str, Any]]:
