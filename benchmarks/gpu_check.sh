@@ -60,6 +60,7 @@ LOG=$OUT_DIR/gpu_check.log
 STATUS=$WORK/stages.tsv
 : >"$LOG"
 : >"$STATUS"
+TAB=$(printf '\t')
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 PY=$PY_BASE
@@ -263,7 +264,9 @@ for stage in ${STAGES//,/ }; do
         record build skipped 0 "--skip-build: using the craft_ext importable by $PY_BASE"
       else
         run_stage build 330 build
-        [ -x "$WORK/venv/bin/python" ] && PY=$WORK/venv/bin/python
+        # later stages use the venv only if the build passed: a half-made venv would test whatever
+        # craft_ext python3 can import instead
+        grep -q "^build${TAB}passed" "$STATUS" && PY=$WORK/venv/bin/python
       fi
       ;;
     tests)
@@ -296,6 +299,6 @@ done
 summarize
 echo "summary: $OUT_DIR/gpu_check.md ($(($(date +%s) - START)) s)"
 rc=0
-grep -qE "$(printf '\t')(failed|timeout)$(printf '\t')" "$STATUS" && rc=1
+grep -qE "${TAB}(failed|timeout)${TAB}" "$STATUS" && rc=1
 rm -rf "$WORK"
 exit $rc
