@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import craft_ext
 
-from craft_ext.cli_logging import quiet_video_backend_warning
+from craft_ext.cli_logging import quiet_policy_load, quiet_video_backend_warning, setup_cli_logging
 
 quiet_video_backend_warning()
 
@@ -46,6 +46,7 @@ from .anchors.manifest import (
     sha256_file,
 )
 from .anchors.reader import AnchorCache
+from .data import dataset_errors, require_dataset_root
 from .anchors.writer import AnchorCacheWriter
 from .policies import make_adapter
 from .policies.loading import load_policy, load_processors
@@ -58,7 +59,7 @@ class PolicySource:
 
 @dataclass
 class DatasetSource:
-    repo_id: str | None = None
+    repo_id: str | None = None  # the dataset whose frames become anchors (required)
     root: str | None = None  # local dataset directory; default: lerobot's cache for repo_id
 
 
@@ -66,17 +67,17 @@ class DatasetSource:
 class BuildAnchorCacheConfig:
     policy: PolicySource = field(default_factory=PolicySource)
     dataset: DatasetSource = field(default_factory=DatasetSource)
-    output_dir: str | None = None
-    num_anchors: int = 1000
-    seed: int = 0
+    output_dir: str | None = None  # the cache directory to write (required); re-running resumes a build
+    num_anchors: int = 1000  # anchor frames, spread over the episodes
+    seed: int = 0  # seed of the anchor-frame selection
     layers: str = "-2,-1"  # comma-separated; negative counts from the last layer
     pooling: str = "pooled"  # pooled (2 vectors per layer) | tokens (every prefix token, masked)
     dtype: str = "bfloat16"  # storage dtype of the hidden states: float16 | bfloat16 | float32
     shard_size: int = 256  # rows per shard file
-    batch_size: int = 8
+    batch_size: int = 8  # frames per teacher forward pass
     num_workers: int = 0  # dataset-loading worker processes
     device: str | None = None  # default: cuda if available, else cpu
-    overwrite: bool = False
+    overwrite: bool = False  # replace an existing cache built with other settings
     check: bool = True  # after building, check the teacher gives L_ret == 0 on a few rows
 
     def validate(self) -> None:
@@ -115,22 +116,23 @@ def build(cfg: BuildAnchorCacheConfig) -> Path:
     if not (policy_dir / "model.safetensors").is_file():
         raise ValueError(f"--policy.path={cfg.policy.path} is not a saved policy (no model.safetensors)")
 
-    try:
+    require_dataset_root(cfg.dataset.repo_id, cfg.dataset.root)
+    with dataset_errors(cfg.dataset.repo_id, cfg.dataset.root):
         meta = LeRobotDatasetMetadata(cfg.dataset.repo_id, root=cfg.dataset.root)
-    except OSError as exc:  # a missing local root falls through to the hub, which is offline here
-        raise ValueError(f"cannot load the dataset {cfg.dataset.repo_id} (root {cfg.dataset.root}): {exc}") from exc
     if meta.total_frames == 0:
         raise ValueError(f"the dataset {cfg.dataset.repo_id} is empty: no frames to take anchors from")
-    policy = load_policy(policy_dir, device=device)
+    with quiet_policy_load():
+        policy = load_policy(policy_dir, device=device)
     adapter = make_adapter(policy)
     requested = cfg.layer_list()
     try:
         layers = adapter.resolve_layers(requested)
     except (IndexError, ValueError) as exc:
         raise ValueError(f"--layers={cfg.layers}: {exc}") from exc
-    dataset = LeRobotDataset(
-        cfg.dataset.repo_id, root=cfg.dataset.root, delta_timestamps=resolve_delta_timestamps(policy.config, meta)
-    )
+    with dataset_errors(cfg.dataset.repo_id, cfg.dataset.root):
+        dataset = LeRobotDataset(
+            cfg.dataset.repo_id, root=cfg.dataset.root, delta_timestamps=resolve_delta_timestamps(policy.config, meta)
+        )
     episodes = dataset.hf_dataset.with_format("numpy")["episode_index"]
     frames = select_anchor_frames(episodes, cfg.num_anchors, cfg.seed)
     preprocessor, _ = load_processors(policy_dir, device=device)
@@ -195,11 +197,15 @@ def _settings(cfg, policy_dir: Path, adapter, layers: list[int], frames: list[in
 
 @parser.wrap()
 def main(cfg: BuildAnchorCacheConfig) -> int:
+    setup_cli_logging()
     try:
         build(cfg)
     except (AnchorCacheError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the shards written so far are kept; the same command resumes the build", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,8 +1,66 @@
-"""Logging set-up shared by the command-line tools."""
+"""Console output of the command-line tools: the user's own progress and real warnings, nothing else.
+
+Starting a run through lerobot prints screens of text that say nothing about the run: pi0-fast's
+banner and "Loading model from" lines on every load, a "Vision embedding key might need handling"
+warning per patch-embedding key, HF datasets' `Map:` progress bars, INFO lines from inside lerobot,
+and a multi-screen torchcodec traceback when FFmpeg is missing (lerobot then decodes with PyAV).
+`setup_cli_logging` (first thing in every CLI) and `quiet_policy_load` (around every policy load)
+keep the console to:
+  - craft_ext's own INFO lines (plain text) and everyone's warnings and errors ("warning: ..."),
+  - Python warnings, one line each, through the same handler,
+  - on processes other than rank 0 of a multi-process run, warnings and errors only.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
+import sys
+import warnings
+
+logger = logging.getLogger(__name__)
+
+#: what lerobot's pi0-fast `from_pretrained` prints on every successful load
+_LOAD_BANNER = (
+    "The PI0Fast model is a direct port of the OpenPI implementation.",
+    "This implementation follows the original OpenPI structure for compatibility.",
+    "Original implementation: https://github.com/Physical-Intelligence/openpi",
+    "Loading model from: ",
+    "✓ Loaded state dict from model.safetensors",
+    "All keys loaded successfully!",
+    "Remapped ",  # "Remapped N state dict keys": an older key layout, converted on load
+)
+#: a warning pi0-fast logs for the patch-embedding keys that every checkpoint has
+_LOAD_NOISE = "Vision embedding key might need handling"
+
+
+def setup_cli_logging() -> None:
+    """Console logging of a CLI process. Call before importing lerobot or HF datasets."""
+    # HF datasets' `Map:` bars, through its environment variable: that one wins over lerobot's
+    # SuppressProgressBars, which turns the bars back on after each use (datasets then warns that the
+    # variable has priority: ignored). datasets reads the variable when imported; if it already is,
+    # its copy of the setting is updated the same way.
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    bars = sys.modules.get("datasets.utils.tqdm")
+    if bars is not None:
+        bars.HF_DATASETS_DISABLE_PROGRESS_BARS = True
+        bars.disable_progress_bars()
+    warnings.filterwarnings("ignore", message="Cannot enable progress bars", category=UserWarning)
+    quiet_video_backend_warning()
+    root = logging.getLogger()
+    # replaced: a handler of an earlier call, and the plain console handler logging.basicConfig
+    # installs when a module logs through the root logger before any set-up (lerobot does, on import)
+    for handler in [h for h in root.handlers if type(h) in (_ProgressAwareHandler, logging.StreamHandler)]:
+        root.removeHandler(handler)
+    handler = _ProgressAwareHandler()
+    handler.setFormatter(_Formatter())
+    handler.addFilter(_own_info_or_any_warning)
+    root.addHandler(handler)
+    main_process = os.environ.get("RANK", "0") == "0"  # set by torchrun / accelerate launch
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
+    logging.captureWarnings(True)
 
 
 def quiet_video_backend_warning() -> None:
@@ -12,3 +70,67 @@ def quiet_video_backend_warning() -> None:
     need torchcodec for the image datasets they read. Call before importing lerobot's dataset modules.
     """
     logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
+
+
+class PolicyLoadError(ValueError):
+    """lerobot reported that a policy's weights did not load (it would go on with random weights)."""
+
+
+@contextlib.contextmanager
+def quiet_policy_load():
+    """Around a lerobot policy load: drop pi0-fast's banner prints and patch-embedding warnings.
+
+    Anything else it prints comes out as one warning (missing or unexpected keys), and a load whose
+    weights failed ("Could not load state dict", after which pi0-fast returns a randomly initialised
+    model) raises `PolicyLoadError`: training or measuring such a model would be silently wrong.
+    """
+    captured = io.StringIO()
+    root = logging.getLogger()
+    root.addFilter(_not_load_noise)
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        root.removeFilter(_not_load_noise)
+        lines = [line.strip() for line in captured.getvalue().splitlines()]
+        lines = [line for line in lines if line and not line.startswith(_LOAD_BANNER)]
+        failed = any("Could not load state dict" in line for line in lines)
+        if lines and not failed:
+            logger.warning("policy load: %s", "; ".join(lines))
+    if failed:
+        more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
+        raise PolicyLoadError(f"the policy's weights did not load: {' '.join(lines[:2])}{more}")
+
+
+def _not_load_noise(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_LOAD_NOISE)
+
+
+def _own_info_or_any_warning(record: logging.LogRecord) -> bool:
+    """INFO from craft_ext (and scripts run as __main__); WARNING and above from anyone."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in ("craft_ext", "__main__")
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.name == "py.warnings":  # "path:line: Category: text\n  source line": keep the first line
+            message = message.strip().splitlines()[0]
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return message
+
+
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Writes through tqdm, so a message never lands in the middle of a progress bar."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)

@@ -1,30 +1,25 @@
-"""Configuration of `python -m craft_ext.train`: lerobot's TrainPipelineConfig plus a `craft` section.
+"""The `--craft.*` options of `python -m craft_ext.train` (CraftConfig).
 
-Every lerobot-train flag keeps working (`--policy.path`, `--dataset.repo_id`, `--steps`, `--resume`,
-`--wandb.enable`, ...); CRaFT adds `--craft.*`. `--craft.enable=false` trains through the same loop
-with no retention gradient (no R buffer is allocated; the merged gradient is exactly the task gradient,
-clipped): the plain fine-tuning baseline.
+The full training config, lerobot's TrainPipelineConfig plus this section, is
+`craft_ext.train_config.CraftTrainPipelineConfig`. This module imports no lerobot: `--help` renders
+these options without loading lerobot (which takes seconds).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from lerobot.configs.train import TrainPipelineConfig
+__all__ = ["CraftConfig"]
 
-from .dual import CONTROLLERS, SCHEDULES
-from .policies import SUPPORTED_POLICY_TYPES
-from .retention import DISTANCES
-from .surgery import MODES, PROJECT_MODES
-
-__all__ = ["CraftConfig", "CraftTrainPipelineConfig"]
+#: --craft.sharding
+SHARDING_MODES = ("none", "fsdp2")
 
 
 @dataclass
 class CraftConfig:
-    """The `--craft.*` options (DESIGN.md §2)."""
+    """The `--craft.*` options (docs/architecture.md, "The step")."""
 
     # Train under the retention constraint. false = plain fine-tuning through the same loop.
     enable: bool = True
@@ -40,23 +35,36 @@ class CraftConfig:
     verify_cache: bool = False
     # Compute the retention gradient every K-th step; the other steps are plain task steps.
     retention_every: int = 1
+    # Micro-batches per optimisation step: N forward/backward passes of --batch_size frames (and, on
+    # retention steps, of --craft.anchor_batch_size anchors), accumulated into the same gradient
+    # buffers, then one surgery and one optimizer step: the step of --batch_size * N frames with the
+    # activation memory of --batch_size. Keep --craft.anchor_prefetch >= N so anchors never wait.
+    gradient_accumulation_steps: int = 1
     # Distance between student and cached teacher hidden states: normalized_mse (MSE / the teacher's
     # per-layer variance, so epsilon=0.05 means 5 percent of that variance), mse, or cosine.
     distance: str = "normalized_mse"
     # Dual controller of lambda: ascent (projected dual ascent) or pi (nuPI, damps oscillation).
     controller: str = "ascent"
+    # Initial Lagrange multiplier lambda (the weight of the retention gradient).
     lambda_init: float = 1.0
+    # Dual step size: lambda += lambda_lr * (L_ret - epsilon_t) per retention step. Scale it with
+    # 1 / (typical L_ret): normalised MSEs of ~1e-2 need ~10-100.
     lambda_lr: float = 0.01
+    # Upper bound of lambda (the projection of dual ascent).
     lambda_max: float = 10.0
-    # nuPI gains and filter (controller=pi only).
+    # nuPI proportional gain (controller=pi only).
     pi_kp: float = 0.0
+    # nuPI integral gain (controller=pi only).
     pi_ki: float = 1.0
+    # nuPI filter of the constraint violation, in [0, 1) (controller=pi only).
     pi_ema: float = 0.0
-    # Retention tolerance epsilon_t, annealed from start to end (constant | linear | cosine | exponential)
-    # over epsilon_decay_steps (0 = the whole run).
+    # Retention tolerance epsilon_t at the first step, in units of the distance.
     epsilon_start: float = 0.05
+    # Retention tolerance at the end of the decay (equal to epsilon_start: constant).
     epsilon_end: float = 0.05
+    # How epsilon_t goes from start to end: constant | linear | cosine | exponential.
     epsilon_schedule: str = "constant"
+    # Steps over which epsilon_t goes from start to end (0 = the whole run).
     epsilon_decay_steps: int = 0
     # When the step drops its component that raises L_ret (docs/architecture.md, "The step"):
     # active = only while the constraint is violated (L_ret > epsilon_t) and the merged step would still
@@ -66,18 +74,34 @@ class CraftConfig:
     project: str = "active"
     # Cosine threshold of project=always (and of the conflict_rate metric); the other rules need 0.
     tau: float = 0.0
-    # Merge G = a T' + b R: weighted (1, lambda), equal (1/2, 1/2), task_priority (1, min(lambda, 1)).
+    # Merge G = T' + b R: weighted b = lambda, equal b = 1, task_priority b = min(lambda, 1).
     merge: str = "weighted"
     # Steps with NaN/Inf loss or gradients are skipped; this many in a row abort the run.
     max_consecutive_skips: int = 10
+    # Several processes (torchrun --nproc_per_node=N; --batch_size and --craft.anchor_batch_size are
+    # per process): none = each process holds the whole policy and the gradients are summed while
+    # the backward runs (data parallel); fsdp2 = the policy, T, R and the optimizer state are divided
+    # over the processes (FSDP2), for a model that does not fit one GPU with both gradients.
+    sharding: str = "none"
+    # Data parallel: MB of gradient per all-reduce bucket, started as soon as its gradients are ready.
+    bucket_mb: float = 25.0
+    # Seconds a process waits for the others in a collective before the run stops with an error (a
+    # process died or hangs); longer than the slowest checkpoint write.
+    dist_timeout_s: float = 600.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad `--craft.*` value (before anything is built)."""
+        # imported here: they load the anchor-cache and policy modules, which `--help` does not need
+        from .dual import CONTROLLERS, SCHEDULES
+        from .retention import DISTANCES
+        from .surgery import MODES, PROJECT_MODES
+
         _choice("distance", self.distance, DISTANCES)
         _choice("controller", self.controller, CONTROLLERS)
         _choice("epsilon_schedule", self.epsilon_schedule, SCHEDULES)
         _choice("merge", self.merge, MODES)
-        for name in ("anchor_batch_size", "anchor_prefetch", "retention_every", "max_consecutive_skips"):
+        counts = ("anchor_batch_size", "anchor_prefetch", "retention_every", "gradient_accumulation_steps", "max_consecutive_skips")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"--craft.{name}={getattr(self, name)}: expected an integer >= 1")
         if self.epsilon_decay_steps < 0:
@@ -91,6 +115,10 @@ class CraftConfig:
         if not 0 <= self.pi_ema < 1:
             raise ValueError(f"--craft.pi_ema={self.pi_ema}: expected a number in [0, 1)")
         _choice("project", self.project, PROJECT_MODES)
+        _choice("sharding", self.sharding, SHARDING_MODES)
+        for name in ("bucket_mb", "dist_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"--craft.{name}={getattr(self, name)}: expected a number > 0")
         if not -1 <= self.tau <= 1:
             raise ValueError(f"--craft.tau={self.tau}: a cosine threshold must be in [-1, 1]")
         if self.tau != 0 and self.project != "always":
@@ -99,21 +127,6 @@ class CraftConfig:
             raise ValueError(
                 "--craft.enable=true needs --craft.anchor_cache=DIR (build one with python -m "
                 "craft_ext.build_anchor_cache), or pass --craft.enable=false for plain fine-tuning"
-            )
-
-
-@dataclass
-class CraftTrainPipelineConfig(TrainPipelineConfig):
-    """lerobot's training config with the CRaFT section; saved as train_config.json in checkpoints."""
-
-    craft: CraftConfig = field(default_factory=CraftConfig)
-
-    def validate(self) -> None:
-        self.craft.validate()
-        super().validate()
-        if self.policy is not None and self.policy.type not in SUPPORTED_POLICY_TYPES:
-            raise ValueError(
-                f"--policy.type={self.policy.type}: craft_ext.train supports {', '.join(SUPPORTED_POLICY_TYPES)}"
             )
 
 

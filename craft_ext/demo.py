@@ -37,16 +37,19 @@ from lerobot.datasets import LeRobotDatasetMetadata
 
 from .anchors.reader import AnchorCache
 from .build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
-from .config import CraftConfig, CraftTrainPipelineConfig
-from .evaluation import EvalSet, action_token_ce, load_eval_set, retention_on_cache
+from .cli_logging import quiet_policy_load, setup_cli_logging
+from .config import CraftConfig
+from .measures import EvalSet, action_token_ce, load_eval_set, retention_on_cache
 from .offline_kit.build import KitLayout, KitSettings, build_kit
 from .offline_kit.datasets import TASK_A, TASK_B
 from .policies.loading import load_policy, load_processors
 from .report import demo_table, plot_demo
+from .train_config import CraftTrainPipelineConfig
 from .trainer import train
 from .trainer.metrics import read_metrics
 
 RUNS = ("plain", "craft")
+DEMO_CACHE_DTYPE = "float32"  # exact teacher states: the toy model's retention losses are small
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     if (out / "report.json").exists():
         raise FileExistsError(f"{out} already holds a demo report: choose another --output_dir")
     print(f"[demo] output: {out}")
+    print(settings_note(settings))
 
     print("[demo] 1/4 offline kit: tasks A and B, tiny pi0-fast trained on A")
     kit = build_kit(out / "kit", KitSettings(seed=settings.seed, train_steps=settings.kit_train_steps), log=_log)
@@ -89,12 +93,13 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
             num_anchors=settings.num_anchors,
             seed=settings.seed,
             pooling=settings.pooling,
-            dtype="float32",
+            dtype=DEMO_CACHE_DTYPE,
         )
     )
     cache = AnchorCache(cache_dir)
     eval_sets = _eval_sets(kit, cache.manifest.settings.source.frame_indices, settings)
-    base = load_policy(kit.policy)
+    with quiet_policy_load():
+        base = load_policy(kit.policy)
     before = {name: action_token_ce(base, e) for name, e in eval_sets.items()}
 
     runs = {}
@@ -102,7 +107,8 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
         print(f"[demo] {i}/4 fine-tuning on task B: {name}")
         config = _train_config(kit, cache_dir, out / "runs" / name, settings, craft=name == "craft")
         result = train(config, probe=_probe(eval_sets))
-        policy = load_policy(result.checkpoint / "pretrained_model")
+        with quiet_policy_load():
+            policy = load_policy(result.checkpoint / "pretrained_model")
         after = {key: action_token_ce(policy, e) for key, e in eval_sets.items()}
         runs[name] = {
             "task_a_loss_before": before[TASK_A.name],
@@ -129,6 +135,33 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     print(demo_table(report))
     print(f"\nreport: {out / 'report.json'}\nplot:   {out / 'report.png'}")
     return report
+
+
+def settings_note(s: DemoSettings) -> str:
+    """The demo's settings that differ from the CLIs' defaults, and why (printed before it starts)."""
+    from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
+
+    craft, cache = CraftConfig(), BuildAnchorCacheConfig()
+    rows = [  # (flag, the demo's value, the CLI's default)
+        ("--craft.lambda_lr", s.lambda_lr, craft.lambda_lr),
+        ("--craft.lambda_max", s.lambda_max, craft.lambda_max),
+        ("--craft.lambda_init", s.lambda_init, craft.lambda_init),
+        ("--craft.epsilon_start/end", s.epsilon, craft.epsilon_start),
+        ("--craft.anchor_batch_size", s.anchor_batch_size, craft.anchor_batch_size),
+        ("build_anchor_cache --pooling", s.pooling, cache.pooling),
+        ("build_anchor_cache --dtype", DEMO_CACHE_DTYPE, cache.dtype),
+        ("build_anchor_cache --num_anchors", s.num_anchors, cache.num_anchors),
+        ("--policy.optimizer_lr", s.lr, PI0FastConfig.optimizer_lr),
+        ("--policy.scheduler_warmup_steps", 0, PI0FastConfig.scheduler_warmup_steps),
+        ("--log_freq", s.log_freq, CraftTrainPipelineConfig.log_freq),
+    ]
+    lines = [f"  {flag}={ours} (default {default})" for flag, ours, default in rows if ours != default]
+    return "\n".join(
+        ["[demo] settings that differ from the CLI defaults:", *lines,
+         f"  why: a toy model and {s.steps} steps. Its normalised retention losses are ~1e-2, so epsilon is tight and",
+         "  lambda needs a large step to bind within the run; token pooling constrains this small model more than",
+         "  pooled vectors; a high learning rate without warm-up makes plain fine-tuning forget task A visibly."]
+    )  # fmt: skip
 
 
 def _eval_sets(kit: KitLayout, anchor_frames: list[int], settings: DemoSettings) -> dict[str, EvalSet]:
@@ -196,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         kind = Path if f.name == "output_dir" else type(getattr(defaults, f.name))
         parser.add_argument(f"--{f.name}", type=kind, default=getattr(defaults, f.name))
     args = parser.parse_args(argv)
+    setup_cli_logging()
     torch.set_num_threads(1)  # the toy model's matmuls are too small to gain from threads; 2 cores thrash
     run_demo(DemoSettings(**vars(args)))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from craft_ext.cli_logging import quiet_video_backend_warning
+from craft_ext.cli_logging import quiet_policy_load, quiet_video_backend_warning, setup_cli_logging
 
 quiet_video_backend_warning()
 
@@ -35,7 +35,8 @@ from lerobot.utils.constants import PRETRAINED_MODEL_DIR
 from .anchors.manifest import AnchorCacheError
 from .anchors.reader import AnchorCache
 from .anchors.validate import check_compatible
-from .evaluation import action_token_ce, decoded_action_mse, finite_or_none, load_eval_set, retention_on_cache
+from .data import dataset_errors, require_dataset_root
+from .measures import action_token_ce, decoded_action_mse, finite_or_none, load_eval_set, retention_on_cache
 from .policies import make_adapter
 from .policies.loading import load_policy, load_processors
 from .report import eval_table, plot_eval
@@ -51,14 +52,15 @@ class EvalConfig:
     base: str | None = None
     # The datasets of tasks learned before fine-tuning: backward transfer averages over these (default: all).
     old_tasks: list[str] | None = None
+    # An anchor cache (python -m craft_ext.build_anchor_cache): adds each model's retention loss on it.
     anchor_cache: str | None = None
     output_dir: Path | None = None  # default: outputs/craft_eval/<date>/<time>
     max_frames: int = 64  # per dataset, a seeded random subset
     decode_frames: int = 16  # of those, decoded autoregressively for the action MSE (0 = skip)
-    batch_size: int = 16
+    batch_size: int = 16  # frames (or anchor rows) per forward pass
     retention_rows: int = 0  # anchor rows to score (0 = all)
     device: str | None = None  # default: cuda if available, else cpu
-    seed: int = 0
+    seed: int = 0  # seed of the frame subsets
 
     def validate(self) -> None:
         if not self.checkpoints and self.base is None:
@@ -75,8 +77,7 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"--old_tasks {unknown} are not among --datasets {sorted(self.datasets)}")
         for repo_id, root in self.datasets.items():
-            if root is not None and not (Path(root) / "meta" / "info.json").is_file():
-                raise FileNotFoundError(f"--datasets: {repo_id} has no LeRobot dataset at {root}")
+            require_dataset_root(repo_id, root, flag=f"--datasets: {repo_id}")
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -85,11 +86,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     models = {label: path for label, path in _model_dirs(cfg)}
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = AnchorCache(cfg.anchor_cache) if cfg.anchor_cache is not None else None
-    stats = {repo_id: LeRobotDatasetMetadata(repo_id, root=root).stats for repo_id, root in cfg.datasets.items()}
+    stats = {}
+    for repo_id, root in cfg.datasets.items():
+        with dataset_errors(repo_id, root, flag=f"--datasets: {repo_id}"):
+            stats[repo_id] = LeRobotDatasetMetadata(repo_id, root=root).stats
 
     results = {}
     for label, path in models.items():
-        policy = load_policy(path, device=device)
+        with quiet_policy_load():
+            policy = load_policy(path, device=device)
         entry = {"path": str(path), "datasets": {}}
         for repo_id, root in cfg.datasets.items():
             preprocessor, _ = load_processors(path, device=device, dataset_stats=stats[repo_id])
@@ -172,11 +177,15 @@ def eval_cli(cfg: EvalConfig) -> dict:
 
 
 def main() -> int:
+    setup_cli_logging()
     try:
         report = eval_cli()
     except (ValueError, FileNotFoundError, AnchorCacheError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
     print(eval_table(report))
     print(f"\njson: {report['json']}\nplot: {report['plot']}")
     return 0

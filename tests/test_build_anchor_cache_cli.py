@@ -18,6 +18,8 @@ from craft_ext.anchors.manifest import MANIFEST_NAME
 
 needs_kernels = pytest.mark.skipif(not craft_ext.extension_available(), reason="compiled extension not built")
 REPO = Path(__file__).resolve().parents[1]
+# the CLI run in-process here turns HF datasets' progress bars off for good; lerobot then warns it cannot turn them on
+pytestmark = pytest.mark.filterwarnings("ignore:Cannot enable progress bars")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def test_rerun_is_a_noop_and_other_settings_need_overwrite(kit, cli_cache, tmp_p
         (["--pooling=mean"], "--pooling must be one of pooled|tokens"),
         (["--dtype=int8"], "--dtype must be one of float16|bfloat16|float32"),
         (["--shard_size=0"], "--shard_size must be >= 1"),
-        (["--dataset.root=/nonexistent/dataset"], "cannot load the dataset task_a"),
+        (["--dataset.root=/nonexistent/dataset"], "--dataset.root=/nonexistent/dataset (repo_id task_a) is not a LeRobot dataset"),
         (["--policy.path=/nonexistent/policy"], "is not a saved policy"),
     ],
 )
@@ -173,3 +175,21 @@ def test_foreign_directory_is_left_alone(kit, tmp_path, monkeypatch, capsys):
     code, text = run_cli(monkeypatch, capsys, *base_args(kit, out), "--overwrite=true")
     assert code == 1 and "not empty and is not an anchor cache" in text
     assert snapshot(out) == {"todo.txt": b"keep"}
+
+
+def test_a_broken_local_dataset_is_named_not_blamed_on_the_hub(kit, tmp_path, monkeypatch, capsys):
+    """A dataset whose data file lost an episode: lerobot would report the hub (offline here)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    broken = tmp_path / "task_a"
+    shutil.copytree(kit.datasets["task_a"], broken)
+    (data_file,) = (broken / "data").rglob("*.parquet")
+    table = pq.read_table(data_file)
+    pq.write_table(table.filter(pc.not_equal(table["episode_index"], 2)), data_file)
+    args = [a for a in base_args(kit, tmp_path / "cache") if not a.startswith("--dataset.root")]
+    code, text = run_cli(monkeypatch, capsys, *args, f"--dataset.root={broken}")
+    assert code == 1
+    assert f"error: --dataset.root={broken} (repo_id task_a): episode(s) 2 listed in " in text
+    assert "huggingface" not in text.lower()
+    assert not (tmp_path / "cache").exists()

@@ -15,12 +15,17 @@ from lerobot.configs.default import DatasetConfig
 import craft_ext
 from craft_ext import eval as craft_eval
 from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
-from craft_ext.config import CraftConfig, CraftTrainPipelineConfig
+from craft_ext.config import CraftConfig
 from craft_ext.eval import EvalConfig, evaluate
 from craft_ext.offline_kit.build import KitLayout
+from craft_ext.train_config import CraftTrainPipelineConfig
 from craft_ext.trainer import train
 
-pytestmark = pytest.mark.skipif(not craft_ext.extension_available(), reason="compiled extension not built")
+pytestmark = [
+    pytest.mark.skipif(not craft_ext.extension_available(), reason="compiled extension not built"),
+    # the CLI run in-process here turns HF datasets' progress bars off for good; lerobot then warns it cannot turn them on
+    pytest.mark.filterwarnings("ignore:Cannot enable progress bars"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +121,7 @@ def test_cli_prints_a_table(setup, monkeypatch, capsys):
     [
         ({}, ValueError, "nothing to evaluate: pass --checkpoints"),
         ({"checkpoints": ["/no/such/ckpt"], "datasets": {"task_b": None}}, FileNotFoundError, "/no/such/ckpt is not a saved policy"),
-        ({"checkpoints": ["x"], "datasets": {"task_b": "/no/such/data"}}, FileNotFoundError, "task_b has no LeRobot dataset at /no/such/data"),
+        ({"checkpoints": ["x"], "datasets": {"task_b": "/no/such/data"}}, FileNotFoundError, "--datasets: task_b=/no/such/data \\(repo_id task_b\\) is not a LeRobot dataset"),
         ({"checkpoints": ["x"], "datasets": {"task_b": None}, "old_tasks": ["task_a"]}, ValueError, "--old_tasks \\['task_a'\\]"),
     ],
 )

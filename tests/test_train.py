@@ -1,5 +1,6 @@
-"""python -m craft_ext.train: dual dynamics, resume equivalence, lerobot-loadable checkpoints, atomic
-saving, non-finite steps, bad input, and the embedded demo's claim (CRaFT forgets less than plain).
+"""python -m craft_ext.train: dual dynamics, resume equivalence (after a crash and after SIGTERM),
+lerobot-loadable checkpoints, atomic saving, non-finite steps, bad input through the CLI, the first
+screen and --help, and the embedded demo's claim (CRaFT forgets less than plain).
 
 Everything runs on the offline kit's tiny pi0-fast, a few steps at a time.
 """
@@ -8,8 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,25 +23,30 @@ import torch
 from safetensors.torch import load_file
 
 from lerobot.configs import PreTrainedConfig
-from lerobot.configs.default import DatasetConfig, PeftConfig
+from lerobot.configs.default import DatasetConfig
 from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.datasets.factory import resolve_delta_timestamps
-from lerobot.policies import make_pre_post_processors
-from lerobot.policies.pi0_fast.modeling_pi0_fast import PI0FastPolicy
+from lerobot.policies import make_policy, make_pre_post_processors
+from lerobot.policies.factory import get_policy_class
 
 import craft_ext
+from craft_ext import train as train_module
 from craft_ext.anchors.manifest import AnchorCacheError
 from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
-from craft_ext.config import CraftConfig, CraftTrainPipelineConfig
+from craft_ext.config import CraftConfig
 from craft_ext.demo import DemoSettings, run_demo
 from craft_ext.offline_kit.build import KitLayout
-from craft_ext.offline_kit.tiny_model import read_tiny_marker, tiny_pi0fast
 from craft_ext.policies.loading import preprocessor_overrides
-from craft_ext.train import train_cli
+from craft_ext.train_config import CraftTrainPipelineConfig, default_num_workers
 from craft_ext.trainer import NonFiniteTrainingError, train
 from craft_ext.trainer.metrics import read_metrics
 
-pytestmark = pytest.mark.skipif(not craft_ext.extension_available(), reason="compiled extension not built")
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.skipif(not craft_ext.extension_available(), reason="compiled extension not built"),
+    # the CLIs run in-process here turn HF datasets' progress bars off for good; lerobot then warns it cannot turn them on
+    pytest.mark.filterwarnings("ignore:Cannot enable progress bars"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +101,44 @@ def losses(output_dir: Path) -> list[dict]:
     return [r for r in read_metrics(output_dir) if "loss_task" in r]
 
 
+def cli_args(kit: KitLayout, output_dir: Path, cache: Path | None, steps: int, *extra: str) -> list[str]:
+    """The command-line twin of `make_config`."""
+    craft = [f"--craft.anchor_cache={cache}", "--craft.anchor_batch_size=4"] if cache is not None else ["--craft.enable=false"]
+    return [
+        f"--policy.path={kit.policy}", "--dataset.repo_id=task_b", f"--dataset.root={kit.datasets['task_b']}",
+        f"--output_dir={output_dir}", "--seed=7", f"--steps={steps}", "--batch_size=4", "--log_freq=1",
+        f"--save_freq={steps}", *craft, *extra,
+    ]  # fmt: skip
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m craft_ext.train ARGS` in this process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["craft_ext.train", *args])
+    try:
+        code = train_module.main()
+    except SystemExit as exc:  # draccus rejects unparsable values itself
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_same_run(a: Path, b: Path, keys=("loss_task", "loss_ret", "lambda", "grad_norm", "cos")) -> None:
+    """Two runs' per-step metrics, final weights and final lambda agree (b was interrupted and resumed)."""
+    ra, rb = losses(a), losses(b)
+    assert [r["step"] for r in rb] == [r["step"] for r in ra]
+    for x, y in zip(ra, rb, strict=True):
+        for key in keys:
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    wa = load_file(a / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
+    wb = load_file(b / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
+    state_a, state_b = (json.loads((run / "checkpoints" / "last" / "training_state" / "craft_state.json").read_text()) for run in (a, b))
+    assert state_b["multiplier"]["value"] == pytest.approx(state_a["multiplier"]["value"], rel=1e-6)
+    assert state_b["multiplier"]["value"] == pytest.approx(ra[-1]["lambda"], rel=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # dual dynamics, resume, checkpoints
 
@@ -124,7 +173,7 @@ def test_lambda_rises_while_the_constraint_is_violated_and_falls_otherwise(kit, 
     assert loose[-1]["lambda"] < 1.0 < tight[-1]["lambda"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_path, one_thread, monkeypatch):
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_path, one_thread, monkeypatch, capsys):
     craft = dict(epsilon_start=0.0, epsilon_end=0.0, lambda_lr=10.0)
     full = make_config(kit, tmp_path / "full", anchor_cache, steps=6, **craft)
     full.save_freq = 3
@@ -136,29 +185,63 @@ def test_resume_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_path, on
         train(cut, probe=_CrashAt(4))
     assert (tmp_path / "cut" / "checkpoints" / "last").resolve().name == "000003"
     config_path = tmp_path / "cut" / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
-    monkeypatch.setattr(sys, "argv", ["craft_ext.train", "--resume=true", f"--config_path={config_path}"])
-    result = train_cli()
-    assert result.steps == 6
+    code, out, err = run_cli(monkeypatch, capsys, "--resume=true", f"--config_path={config_path}")
+    assert code == 0, err
+    assert out.startswith("done: steps 4..6 in ")
+    assert [r["step"] for r in losses(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
 
-    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("loss_task", "loss_ret", "lambda", "grad_norm", "cos"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
-    wa = load_file(tmp_path / "full" / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
-    wb = load_file(tmp_path / "cut" / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
-    state = json.loads((tmp_path / "cut" / "checkpoints" / "last" / "training_state" / "craft_state.json").read_text())
-    assert state["multiplier"]["value"] == pytest.approx(a[-1]["lambda"], rel=1e-6)
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(kit, anchor_cache, tmp_path, one_thread, monkeypatch, capsys):
+    """The real CLI in a subprocess with a DataLoader worker; SIGTERM to its process group (as a
+    scheduler or Ctrl-C sends it) once metrics show steps: exit 143 after the current step, one line
+    naming the checkpoint and the resume command, a complete checkpoint at that step; running that
+    command finishes the run exactly as an uninterrupted one."""
+    steps, craft = 30, ["--craft.epsilon_start=0", "--craft.epsilon_end=0", "--craft.lambda_lr=10"]
+    cut = tmp_path / "cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the in-process runs use one thread too: same floats
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "craft_ext.train", *cli_args(kit, cut, anchor_cache, steps, *craft), "--num_workers=1"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not ((cut / "metrics.jsonl").is_file() and len(read_metrics(cut)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # the training process and its loader worker
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    match = re.fullmatch(r"stopped by SIGTERM after step (\d+): checkpoint (\S+); resume with: (python -m craft_ext.train .*)\n", out)
+    assert match, out
+    stopped = int(match[1])
+    assert 2 <= stopped < steps
+    checkpoint = cut / "checkpoints" / f"{stopped:06d}"
+    assert Path(match[2]) == checkpoint.resolve() and (cut / "checkpoints" / "last").resolve() == checkpoint.resolve()
+    assert json.loads((checkpoint / "training_state" / "training_step.json").read_text())["step"] == stopped
+    assert (checkpoint / "pretrained_model" / "model.safetensors").is_file()
+    assert json.loads((checkpoint / "training_state" / "craft_state.json").read_text())["multiplier"] is not None
+    assert not list((cut / "checkpoints").glob(".*"))  # no half-written leftovers
+
+    command = match[3].split()
+    assert command[:3] == ["python", "-m", "craft_ext.train"]
+    code, out, err = run_cli(monkeypatch, capsys, *command[3:], "--num_workers=0")  # same frames, no worker in pytest
+    assert code == 0, err
+    assert out.startswith(f"done: steps {stopped + 1}..{steps} in ")
+    code, _, err = run_cli(monkeypatch, capsys, *cli_args(kit, tmp_path / "full", anchor_cache, steps, *craft))
+    assert code == 0, err
+    assert_same_run(tmp_path / "full", cut)
 
 
 def test_checkpoint_is_an_ordinary_lerobot_policy_that_acts(kit, anchor_cache, tmp_path, one_thread):
     train(make_config(kit, tmp_path / "run", anchor_cache, steps=2))
     policy_dir = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"
     config = PreTrainedConfig.from_pretrained(policy_dir)
-    with tiny_pi0fast(read_tiny_marker(policy_dir)):  # a toy-size pi0-fast; a real one needs no context
-        policy = PI0FastPolicy.from_pretrained(policy_dir)
+    config.pretrained_path = policy_dir
+    policy = get_policy_class(config.type).from_pretrained(policy_dir)
     preprocessor, postprocessor = make_pre_post_processors(
         config, pretrained_path=str(policy_dir), preprocessor_overrides=preprocessor_overrides(config)
     )
@@ -274,15 +357,12 @@ def test_craft_without_cache(kit, tmp_path, monkeypatch):
 
 
 def test_cache_from_another_model(kit, tmp_path, monkeypatch):
-    from lerobot.policies.factory import make_policy
-
-    from craft_ext.offline_kit.tiny_model import TinySizes
-    from craft_ext.policies.loading import save_policy
-
     other = tmp_path / "other_policy"
-    with tiny_pi0fast(TinySizes(vocab_size=read_tiny_marker(kit.policy).vocab_size, width=32, mlp_dim=64, head_dim=16)):
-        policy = make_policy(PreTrainedConfig.from_pretrained(kit.policy), ds_meta=LeRobotDatasetMetadata("task_a", root=kit.datasets["task_a"]))
-    save_policy(policy, other)
+    config = PreTrainedConfig.from_pretrained(kit.policy)
+    config.pretrained_path = kit.policy  # where its tokenizers are
+    config.width, config.head_dim = 32, 16
+    policy = make_policy(config, ds_meta=LeRobotDatasetMetadata("task_a", root=kit.datasets["task_a"]))
+    policy.save_pretrained(other)
     for processor_file in kit.policy.glob("policy_*"):
         shutil.copy(processor_file, other)
     cache = build(
@@ -305,19 +385,102 @@ def test_bad_craft_option_names_the_flag(kit, tmp_path, anchor_cache):
         train(make_config(kit, tmp_path / "run", anchor_cache, merge="average"))
 
 
-def test_help_lists_the_craft_options(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["craft_ext.train", "--help"])
-    with pytest.raises(SystemExit) as exit_info:
-        train_cli()
-    assert exit_info.value.code == 0
-    assert "--craft.anchor_cache" in capsys.readouterr().out
-
-
 def test_unsupported_lerobot_option_is_refused_not_ignored(kit, tmp_path):
     config = make_config(kit, tmp_path / "run", None)
-    config.peft = PeftConfig()
-    with pytest.raises(ValueError, match="does not support: --peft"):
+    config.policy.push_to_hub, config.policy.repo_id = True, "me/policy"  # this trainer never pushes
+    with pytest.raises(ValueError, match="does not support: --policy.push_to_hub=true"):
         train(config)
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_non_positive_steps_is_a_one_line_error(kit, tmp_path, monkeypatch, capsys, steps):
+    code, out, err = run_cli(monkeypatch, capsys, *cli_args(kit, tmp_path / "run", None, 2), f"--steps={steps}")
+    assert code == 1
+    assert err == f"error: --steps={steps}: expected an integer >= 1\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_has_nothing_to_do(kit, tmp_path, one_thread, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, *cli_args(kit, tmp_path / "run", None, 2))
+    assert code == 0, err
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    config = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
+    code, out, err = run_cli(monkeypatch, capsys, "--resume=true", f"--config_path={config}")
+    assert code == 0, err
+    checkpoint = (tmp_path / "run" / "checkpoints" / "000002").resolve()
+    assert out == f"nothing to do: the run already finished at step 2 (checkpoint {checkpoint})\n"
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+    code, out, err = run_cli(monkeypatch, capsys, "--resume=true", f"--config_path={config}", "--steps=1")
+    assert code == 1 and "is at step 2, beyond --steps=1" in err
+
+
+def test_a_local_dataset_missing_an_episode_is_named_not_blamed_on_the_hub(kit, tmp_path, monkeypatch, capsys):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    broken = tmp_path / "task_b"
+    shutil.copytree(kit.datasets["task_b"], broken)
+    (data_file,) = (broken / "data").rglob("*.parquet")
+    table = pq.read_table(data_file)
+    pq.write_table(table.filter(pc.not_equal(table["episode_index"], 5)), data_file)
+    args = [a if not a.startswith("--dataset.root=") else f"--dataset.root={broken}" for a in cli_args(kit, tmp_path / "run", None, 2)]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1
+    assert err.startswith(f"error: --dataset.root={broken} (repo_id task_b): episode(s) 5 listed in ") and err.count("\n") == 1
+    assert "have no frames in" in err and "huggingface" not in err.lower()
+
+
+def test_a_short_run_logs_its_last_step(kit, tmp_path, one_thread):
+    config = make_config(kit, tmp_path / "run", None, steps=3)
+    config.log_freq = 200  # lerobot's default, longer than the run
+    train(config)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [3]
+
+
+def test_loader_workers_follow_the_machine(monkeypatch, kit, tmp_path):
+    for cores, workers in ((1, 0), (2, 0), (3, 2), (8, 4), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert default_num_workers() == workers
+    config = make_config(kit, tmp_path / "run", None)
+    config.num_workers = None  # the CLI default: not given
+    assert config.loader_workers == 4
+    config.num_workers = 1
+    assert config.loader_workers == 1
+
+
+def test_first_screen_shows_only_the_run(kit, anchor_cache, tmp_path):
+    """The real CLI with the kit's flags and lerobot's defaults otherwise (no --num_workers, no
+    --policy.push_to_hub, --log_freq=200): the header, the progress bar and the summary, nothing else."""
+    out_dir = tmp_path / "run"
+    args = [f"--policy.path={kit.policy}", "--dataset.repo_id=task_b", f"--dataset.root={kit.datasets['task_b']}",
+            f"--craft.anchor_cache={anchor_cache}", f"--output_dir={out_dir}", "--steps=3", "--batch_size=4"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "craft_ext.train", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.strip() for line in re.split(r"[\r\n]", result.stderr) if line.strip()]
+    assert lines[0] == f"CRaFT, anchors {anchor_cache} (16 rows): steps 1..3, output {out_dir}", lines
+    assert all(re.match(r"craft: +\d+%\|", line) for line in lines[1:]), lines  # tqdm's frames
+    assert re.fullmatch(rf"done: steps 1..3 in [\d.]+ s; checkpoint \S+000003; metrics {out_dir}/metrics.jsonl\n", result.stdout)
+    assert [r["step"] for r in read_metrics(out_dir)] == [3]
+
+
+def test_help_is_fast_and_describes_every_craft_option():
+    """--help renders without importing lerobot (which takes seconds) and gives every --craft.* option
+    its description and default."""
+    script = "import sys, craft_ext.train as t; print(t.help_text()); print(sorted(m for m in sys.modules if m.startswith('lerobot')))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text, imported = result.stdout.rsplit("\n", 2)[0], result.stdout.rsplit("\n", 2)[1]
+    assert imported == "[]"
+    entries = re.split(r"\n  (?=--craft\.)", text.split("CRaFT options")[1])[1:]
+    names = [entry.split()[0] for entry in entries]
+    assert names == [f"--craft.{f}" for f in CraftConfig.__dataclass_fields__]
+    for entry in entries:
+        description = " ".join(entry.split()[2:])
+        assert re.search(r"\w{3,}.*\(default: .+\)$", description), entry
 
 
 # --------------------------------------------------------------------------------------------------

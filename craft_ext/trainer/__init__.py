@@ -6,9 +6,9 @@
   constraint  anchor batches, epsilon schedule, the multiplier lambda
   checkpoint  lerobot's checkpoint layout + the CRaFT state, written atomically
   metrics     metrics.jsonl, progress bar
-  loop        `train(cfg)`
+  loop        `train(cfg)` = `setup(cfg)` (everything built, as a `Run`) + `run_loop(run)`
 """
 
-from .loop import NonFiniteTrainingError, TrainResult, train
+from .loop import NonFiniteTrainingError, Run, TrainResult, run_loop, setup, train
 
-__all__ = ["NonFiniteTrainingError", "TrainResult", "train"]
+__all__ = ["NonFiniteTrainingError", "Run", "TrainResult", "run_loop", "setup", "train"]

@@ -8,15 +8,14 @@ student adapter once the policy is built). After the first step: whether the stu
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from ..anchors.manifest import AnchorCacheError, Manifest
 from ..anchors.reader import AnchorCache
 from ..anchors.validate import check_compatible
-from ..config import CraftConfig, CraftTrainPipelineConfig
+from ..config import CraftConfig
+from ..data import require_dataset_root
 from ..policies.base import PolicyAdapter
-
-INFO_FILE = Path("meta") / "info.json"
+from ..train_config import CraftTrainPipelineConfig
 
 
 def check_supported(cfg: CraftTrainPipelineConfig) -> None:
@@ -24,37 +23,47 @@ def check_supported(cfg: CraftTrainPipelineConfig) -> None:
     unsupported = {
         "--env.* (simulation evaluation during training; run lerobot-eval on the checkpoints)": cfg.env is not None,
         "--reward_model.* (reward-model training)": cfg.reward_model is not None,
-        "--peft.*": cfg.peft is not None,
         "--sample_weighting.*": cfg.sample_weighting is not None,
         "--job.target (remote jobs)": cfg.job.is_remote,
         "--save_checkpoint_to_hub": cfg.save_checkpoint_to_hub,
+        "--policy.push_to_hub=true (checkpoints stay in --output_dir; upload one with `hf upload`)": bool(
+            cfg.policy is not None and cfg.policy.push_to_hub
+        ),
     }
     named = [name for name, used in unsupported.items() if used]
     if named:
         raise ValueError(f"craft_ext.train does not support: {'; '.join(named)}")
 
 
-def check_distributed(accelerator) -> None:
-    """The step all-reduces replicated flat gradient buffers: plain data parallelism only."""
+def check_distributed(accelerator, cfg: CraftTrainPipelineConfig) -> None:
+    """Processes are launched plainly (torchrun, or accelerate launch --multi_gpu); the trainer itself
+    reduces the gradients or shards the policy (--craft.sharding, craft_ext.trainer.sharding)."""
     from accelerate.utils import DistributedType
 
     supported = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "accelerate's FSDP mode is not used by craft_ext.train: launch without the FSDP config (torchrun, or "
+            "accelerate launch --multi_gpu) and pass --craft.sharding=fsdp2"
+        )
     if accelerator.distributed_type not in supported:
         raise ValueError(
             f"accelerate's {accelerator.distributed_type.value} mode is not supported by craft_ext.train: launch "
-            "with plain data parallelism (accelerate launch --multi_gpu, or torchrun)"
+            "with torchrun or accelerate launch --multi_gpu (add --craft.sharding=fsdp2 to shard the policy)"
         )
+    if cfg.craft.sharding == "fsdp2" and accelerator.num_processes == 1:
+        raise ValueError(
+            "--craft.sharding=fsdp2 divides the policy over several processes: launch with torchrun "
+            "--nproc_per_node=N (N > 1), or leave --craft.sharding at none"
+        )
+    if cfg.craft.sharding == "fsdp2" and cfg.peft is not None:
+        raise ValueError("--craft.sharding=fsdp2 with --peft.*: adapters are small, train them data parallel (--craft.sharding=none)")
 
 
 def check_dataset_exists(cfg: CraftTrainPipelineConfig) -> None:
     """An explicit --dataset.root must be a LeRobot dataset (lerobot would otherwise try the hub).
     Hub datasets are checked by loading them (`load_datasets`)."""
-    root = cfg.dataset.root
-    if root is not None and not (Path(root) / INFO_FILE).is_file():
-        raise FileNotFoundError(
-            f"--dataset.root={root} (--dataset.repo_id={cfg.dataset.repo_id}) is not a LeRobot dataset: "
-            f"{Path(root) / INFO_FILE} does not exist"
-        )
+    require_dataset_root(cfg.dataset.repo_id, cfg.dataset.root)
 
 
 def open_anchor_cache(craft: CraftConfig) -> AnchorCache:

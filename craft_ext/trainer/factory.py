@@ -8,6 +8,7 @@ plus what lerobot cannot do offline: reloading a pi0-fast preprocessor without t
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import torch
@@ -17,38 +18,44 @@ from lerobot.datasets.factory import make_train_eval_datasets
 from lerobot.policies import make_policy, make_pre_post_processors
 from lerobot.utils.collate import lerobot_collate_fn
 
-from ..config import CraftTrainPipelineConfig
+from ..data import dataset_errors
 from ..policies.loading import preprocessor_overrides
+from ..train_config import CraftTrainPipelineConfig
+from .peft import apply_peft
 
 
 def make_accelerator(cfg: CraftTrainPipelineConfig):
     """The Accelerator lerobot-train would create: device from --policy.device, autocast from
-    --policy.dtype. The model is not wrapped in DDP (the CRaFT step all-reduces its flat buffers)."""
+    --policy.dtype. The model is not wrapped in DDP (the CRaFT step reduces its flat buffers). Under
+    torchrun it joins the process group with --craft.dist_timeout_s as the collectives' timeout, so
+    a process that died or hangs stops the others with an error instead of a silent wait."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     mixed_precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}.get(cfg.policy.dtype)
     return Accelerator(
         step_scheduler_with_optimizer=False,
         mixed_precision=mixed_precision,
         cpu=cfg.policy.device == "cpu",
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.craft.dist_timeout_s))],
     )
 
 
 def load_datasets(cfg: CraftTrainPipelineConfig):
-    """(train, held-out or None) through lerobot's factory; a failure names the dataset."""
-    try:
+    """(train, held-out or None) through lerobot's factory; a failure names the dataset and, for a
+    local root, what is wrong with it (`craft_ext.data.dataset_errors`)."""
+    with dataset_errors(cfg.dataset.repo_id, cfg.dataset.root):
         return make_train_eval_datasets(cfg)
-    except Exception as exc:  # lerobot raises hub, IO and parsing errors of many types here
-        raise FileNotFoundError(
-            f"could not load the dataset --dataset.repo_id={cfg.dataset.repo_id} "
-            f"(--dataset.root={cfg.dataset.root}): {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 def build_policy(cfg: CraftTrainPipelineConfig, dataset, device: torch.device):
-    """lerobot's make_policy, moved to `device`."""
+    """lerobot's make_policy with lerobot-train's --peft.* wrapping (`apply_peft`), moved to `device`."""
+    pretrained = cfg.policy.pretrained_path
     policy = make_policy(cfg=cfg.policy, ds_meta=dataset.meta, rename_map=cfg.rename_map)
-    return policy.to(device)
+    cfg.policy.pretrained_path = pretrained  # loading a PEFT checkpoint can re-point it at the base policy
+    return apply_peft(cfg, policy).to(device)
 
 
 def build_processors(cfg: CraftTrainPipelineConfig, policy, dataset, device: torch.device):
@@ -79,9 +86,17 @@ def build_processors(cfg: CraftTrainPipelineConfig, policy, dataset, device: tor
     return make_pre_post_processors(policy_cfg=cfg.policy, pretrained_path=pretrained, **kwargs)
 
 
+def frames_per_step(cfg: CraftTrainPipelineConfig) -> int:
+    """Task frames one optimisation step consumes per process: --batch_size per micro-batch times
+    --craft.gradient_accumulation_steps (what the sampler position advances by per step)."""
+    return cfg.batch_size * cfg.craft.gradient_accumulation_steps
+
+
 def make_dataloader(cfg: CraftTrainPipelineConfig, dataset, policy, device: torch.device, step: int, num_processes: int):
     """Task batches in lerobot's order: an episode-aware permutation that is a pure function of
-    (seed, epoch), positioned at `step` for a sample-exact resume. Returns (loader, sampler state)."""
+    (seed, epoch), positioned at `step` for a sample-exact resume. One batch per optimisation step:
+    `frames_per_step` frames, which the loop splits into the step's micro-batches. Returns (loader,
+    sampler state)."""
     sampler, state = None, None
     if not cfg.dataset.streaming:
         sampler = EpisodeAwareSampler(
@@ -94,23 +109,33 @@ def make_dataloader(cfg: CraftTrainPipelineConfig, dataset, policy, device: torc
             absolute_to_relative_idx=dataset.absolute_to_relative_idx,
         )
         if step > 0:
-            state = compute_sampler_state(step, len(sampler), cfg.batch_size, num_processes)
+            state = compute_sampler_state(step, len(sampler), frames_per_step(cfg), num_processes)
             sampler.load_state_dict(state)
-    workers = cfg.num_workers > 0
+    num_workers = cfg.loader_workers
+    workers = num_workers > 0
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
+        batch_size=frames_per_step(cfg),
         shuffle=sampler is None and not cfg.dataset.streaming,
         sampler=sampler,
-        num_workers=cfg.num_workers,
+        num_workers=num_workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
         collate_fn=lerobot_collate_fn if dataset.meta.has_language_columns else None,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers,
         multiprocessing_context=cfg.dataloader_multiprocessing_context if workers else None,
+        worker_init_fn=ignore_stop_signals if workers else None,
     )
     return loader, state
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: Ctrl-C and schedulers signal the whole process
+    group, and a worker dying of it would abort the training process in the middle of its on-signal
+    checkpoint (torch raises when a worker exits unexpectedly). The training process stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def held_out_loader(cfg: CraftTrainPipelineConfig, eval_dataset, device: torch.device):
@@ -126,10 +151,3 @@ def held_out_loader(cfg: CraftTrainPipelineConfig, eval_dataset, device: torch.d
         collate_fn=lerobot_collate_fn if eval_dataset.meta.has_language_columns else None,
     )
 
-
-def images_to_float(batch: dict, camera_keys) -> dict:
-    """lerobot's datasets return uint8 frames to the loop; its processors expect floats in [0, 1]."""
-    for key in camera_keys:
-        if key in batch and batch[key].dtype == torch.uint8:
-            batch[key] = batch[key].to(dtype=torch.float32) / 255.0
-    return batch

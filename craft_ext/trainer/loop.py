@@ -1,45 +1,61 @@
-"""The training loop: lerobot's components around the CRaFT step, with checkpoints, resume and metrics."""
+"""The training run: `setup` builds everything from the config, `run_loop` steps it.
+
+`train(cfg)` = validate, `setup`, `run_loop`. The loop writes metrics, periodic checkpoints, and on
+SIGINT/SIGTERM one more checkpoint after the current step (docs/architecture.md, "Data flow").
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
-from lerobot.common.train_utils import should_save_checkpoint
-from lerobot.common.wandb_utils import WandBLogger
+from lerobot.common.train_utils import load_training_step, should_save_checkpoint
 from lerobot.optim.factory import make_optimizer_and_scheduler
+from lerobot.utils.constants import TRAINING_STATE_DIR
 from lerobot.utils.random_utils import set_seed
 from lerobot.utils.utils import cycle, inside_slurm
 
-from ..config import CraftTrainPipelineConfig
+from ..cli_logging import quiet_policy_load
+from ..data import images_to_float
 from ..policies import make_adapter
+from ..policies.base import PolicyAdapter
+from ..train_config import CraftTrainPipelineConfig
 from .checkpoint import CraftState, load_training_checkpoint, save_training_checkpoint
 from .checks import check_cache_fits, check_dataset_exists, check_distributed, check_supported, open_anchor_cache
 from .constraint import Constraint
 from .factory import (
     build_policy,
     build_processors,
+    frames_per_step,
     held_out_loader,
-    images_to_float,
     load_datasets,
     make_accelerator,
     make_dataloader,
 )
 from .metrics import MetricsLog, MetricsWindow, progress_postfix
-from .step import CraftStep
+from .peft import check_constraint_can_act
+from .sharding import Parallelism, load_optimizer_state
+from .step import CraftStep, split_frames
 
 logger = logging.getLogger(__name__)
 
 #: called on the main process at each log step with (step, policy); returns extra metrics to record.
 #: It must not run collectives (other processes do not call it).
 Probe = Callable[[int, torch.nn.Module], dict[str, float]]
+
+#: the signals that stop a run gracefully, and the exit status the CLI then returns (128 + number)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -50,36 +66,91 @@ class NonFiniteTrainingError(RuntimeError):
 class TrainResult:
     output_dir: Path
     checkpoint: Path | None  # the last checkpoint this process wrote (None on non-main processes)
-    steps: int
+    first_step: int  # completed steps when this run started (the resumed checkpoint's step; 0 if fresh)
+    steps: int  # completed steps when it ended
     wall_time_s: float
     skipped_steps: int
     final_lambda: float | None
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run early
+
+    @property
+    def already_finished(self) -> bool:
+        """A resumed run whose checkpoint was already at --steps: nothing was trained."""
+        return self.first_step == self.steps and self.stopped_by is None
+
+
+@dataclass
+class Run:
+    """Everything `setup` built for one run; `run_loop` steps it."""
+
+    cfg: CraftTrainPipelineConfig
+    accelerator: Any
+    dataset: Any
+    policy: torch.nn.Module
+    adapter: PolicyAdapter
+    preprocessor: Any
+    postprocessor: Any
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    eval_loader: Any | None
+    engine: CraftStep
+    parallel: Parallelism
+    constraint: Constraint | None
+    state: CraftState
+    start_step: int
+    log: MetricsLog | None  # main process only
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
 def train(cfg: CraftTrainPipelineConfig, *, probe: Probe | None = None) -> TrainResult:
-    """Run (or resume) the training run described by `cfg`. Bad input raises before any step."""
+    """Run (or resume) the training run described by `cfg`. Bad input raises before any step.
+
+    SIGINT/SIGTERM during the loop stop it after the current step with a checkpoint
+    (`TrainResult.stopped_by`); a second signal exits at once.
+    """
     start = time.perf_counter()
     cfg.validate()
     check_supported(cfg)
+    if cfg.resume:
+        finished = _finished_run(cfg, start)
+        if finished is not None:
+            return finished
+    return run_loop(setup(cfg), probe=probe, start=start)
+
+
+def setup(cfg: CraftTrainPipelineConfig) -> Run:
+    """Build the run from a validated config through lerobot's factories, resuming if asked.
+    Every check that can fail on bad input runs here, before the first step."""
     check_dataset_exists(cfg)
     cache = open_anchor_cache(cfg.craft) if cfg.craft.enable else None
     accelerator = make_accelerator(cfg)
-    check_distributed(accelerator)
-    device, is_main = accelerator.device, accelerator.is_main_process
+    check_distributed(accelerator, cfg)
+    device = accelerator.device
     if cfg.seed is not None:
         set_seed(cfg.seed, accelerator=accelerator)
 
     dataset, eval_dataset = load_datasets(cfg)
-    policy = build_policy(cfg, dataset, device)
+    with quiet_policy_load():
+        policy = build_policy(cfg, dataset, device)
     adapter = make_adapter(policy)
     if cache is not None:
         check_cache_fits(cache, adapter)
+        check_constraint_can_act(policy, adapter, cache, distance=cfg.craft.distance, accelerator=accelerator)
     preprocessor, postprocessor = build_processors(cfg, policy, dataset, device)
+    parallel = Parallelism(accelerator, cfg.craft.sharding)
+    policy = parallel.prepare(policy)  # rank 0's weights everywhere, then sharded (fsdp2)
+    adapter = parallel.adapter(adapter)
     optimizer, scheduler = make_optimizer_and_scheduler(cfg, policy)
 
     step, state = 0, CraftState(enabled=cfg.craft.enable)
     if cfg.resume:
-        step, state = load_training_checkpoint(cfg.checkpoint_path, optimizer, scheduler)
+        step, state = load_training_checkpoint(cfg.checkpoint_path, optimizer, scheduler, load_optimizer=not parallel.sharded)
+        if parallel.sharded:
+            load_optimizer_state(optimizer, cfg.checkpoint_path)
         if state.enabled != cfg.craft.enable:
             raise ValueError(
                 f"the checkpoint {cfg.checkpoint_path} was trained with craft.enable={state.enabled}, "
@@ -89,7 +160,6 @@ def train(cfg: CraftTrainPipelineConfig, *, probe: Probe | None = None) -> Train
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
     if sampler_state is not None:  # accelerate re-sets the sampler's epoch from its own counter
         loader.set_epoch(sampler_state["epoch"])
-    eval_loader = held_out_loader(cfg, eval_dataset, device)
 
     engine = CraftStep(
         policy,
@@ -103,36 +173,73 @@ def train(cfg: CraftTrainPipelineConfig, *, probe: Probe | None = None) -> Train
         tau=cfg.craft.tau,
         merge=cfg.craft.merge,
         max_norm=cfg.optimizer.grad_clip_norm if cfg.optimizer.grad_clip_norm > 0 else None,
+        bucket_bytes=int(cfg.craft.bucket_mb * 2**20),
     )
     constraint = None
     if cache is not None:
         constraint = Constraint(
-            cfg.craft, cache, total_steps=cfg.steps, seed=cfg.seed or 0, rank=accelerator.process_index, device=device
+            cfg.craft, cache, total_steps=cfg.steps, seed=cfg.seed or 0, rank=accelerator.process_index, device=device,
+            world=accelerator.num_processes,
         )
         if state.multiplier is not None:
             constraint.load_from(state)
 
     log = None
-    if is_main:
-        wandb = WandBLogger(cfg) if cfg.wandb.enable and cfg.wandb.project else None
+    if accelerator.is_main_process:
+        wandb = None
+        if cfg.wandb.enable and cfg.wandb.project:
+            from lerobot.common.wandb_utils import WandBLogger
+
+            wandb = WandBLogger(cfg)
         log = MetricsLog(cfg.output_dir, resume_step=step if cfg.resume else None, wandb_logger=wandb)
         mode = f"CRaFT, anchors {cache.directory} ({len(cache)} rows)" if cache is not None else "plain fine-tuning"
         logger.info("%s: steps %d..%d, output %s", mode, step + 1, cfg.steps, cfg.output_dir)
 
-    window, checkpoint = MetricsWindow(), None
-    batches = cycle(loader)
-    policy.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="craft" if constraint else "plain", unit="step", disable=not is_main or inside_slurm())
-    with bar, constraint.anchors if constraint is not None else contextlib.nullcontext():
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        dataset=dataset,
+        policy=policy,
+        adapter=adapter,
+        preprocessor=preprocessor,
+        postprocessor=postprocessor,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        eval_loader=held_out_loader(cfg, eval_dataset, device),
+        engine=engine,
+        parallel=parallel,
+        constraint=constraint,
+        state=state,
+        start_step=step,
+        log=log,
+    )
+
+
+def run_loop(run: Run, *, probe: Probe | None = None, start: float | None = None) -> TrainResult:
+    """Step `run` from its start step to --steps; see `train`."""
+    start = time.perf_counter() if start is None else start
+    cfg, constraint, state = run.cfg, run.constraint, run.state
+    step, window, checkpoint, saved_at = run.start_step, MetricsWindow(), None, None
+    batches = cycle(run.loader)
+    camera_keys = run.dataset.meta.camera_keys
+    run.policy.train()
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc="craft" if constraint else "plain", unit="step",
+        disable=not run.is_main or inside_slurm(),
+    )  # fmt: skip
+    stop = StopOnSignal()
+    with stop, bar, constraint.anchors if constraint is not None else contextlib.nullcontext():
         while step < cfg.steps:
             t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            batch = preprocessor(images_to_float(next(batches), dataset.meta.camera_keys))
-            anchors = constraint.anchor_batch(step) if constraint is not None else None
+            lr = run.optimizer.param_groups[0]["lr"]
+            micro = cfg.craft.gradient_accumulation_steps  # one loader batch of micro * --batch_size frames
+            batch = [run.preprocessor(images_to_float(part, camera_keys)) for part in split_frames(next(batches), micro)]
+            anchors = _anchor_batches(constraint, step, micro)
             epsilon = constraint.epsilon(step) if constraint is not None else None
-            output = engine.compute(batch, anchors, constraint.lam if constraint is not None else 0.0, epsilon=epsilon)
+            output = run.engine.compute(batch, anchors, constraint.lam if constraint is not None else 0.0, epsilon=epsilon)
             host = output.read()
-            applied = engine.finish(output, host)
+            applied = run.engine.finish(output, host)
             if applied and anchors is not None:
                 constraint.update(host["loss_ret"], epsilon)
             step += 1  # from here on `step` counts completed steps, as in metrics and checkpoints
@@ -140,54 +247,130 @@ def train(cfg: CraftTrainPipelineConfig, *, probe: Probe | None = None) -> Train
             _count_skip(state, applied, step, host, cfg.craft.max_consecutive_skips)
             window.add(_step_values(host, applied, lr, time.perf_counter() - t0, constraint, epsilon))
 
-            if cfg.log_freq > 0 and step % cfg.log_freq == 0:
-                if is_main:
-                    record = {"step": step, **window.means(), **(probe(step, policy) if probe is not None else {})}
-                    log.write(record)
+            if cfg.log_freq > 0 and (step % cfg.log_freq == 0 or step == cfg.steps):  # the last step always
+                if run.is_main:
+                    record = {"step": step, **window.means(), **(probe(step, run.policy) if probe is not None else {})}
+                    run.log.write(record)
                     bar.set_postfix(progress_postfix(record))
                 window.reset()
-            if eval_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and is_main:
-                loss = held_out_loss(adapter, policy, eval_loader, preprocessor, dataset.meta.camera_keys, accelerator)
-                log.write({"step": step, "eval_loss": loss})
+            if run.eval_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and run.is_main:
+                run.log.write({"step": step, "eval_loss": held_out_loss(run)})
             if cfg.save_checkpoint and should_save_checkpoint(step, cfg.save_freq, cfg.steps):
-                if constraint is not None:
-                    constraint.save_into(state)
-                if is_main:
-                    checkpoint = save_training_checkpoint(
-                        Path(cfg.output_dir),
-                        step,
-                        cfg.steps,
-                        state,
-                        cfg=cfg,
-                        policy=accelerator.unwrap_model(policy),
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        preprocessor=preprocessor,
-                        postprocessor=postprocessor,
-                        num_processes=accelerator.num_processes,
-                        batch_size=cfg.batch_size,
-                    )
-                accelerator.wait_for_everyone()
+                checkpoint, saved_at = save(run, step), step
+            if step < cfg.steps and _agree_to_stop(run, stop.received is not None):
+                stop.stopped_by = stop.received or "a signal to another process"
+                if cfg.save_checkpoint and saved_at != step:
+                    checkpoint = save(run, step)
+                break
 
     return TrainResult(
         output_dir=Path(cfg.output_dir),
         checkpoint=checkpoint,
+        first_step=run.start_step,
         steps=step,
         wall_time_s=time.perf_counter() - start,
         skipped_steps=state.skipped_steps,
         final_lambda=constraint.lam if constraint is not None else None,
+        stopped_by=stop.stopped_by,
     )
 
 
-def held_out_loss(adapter, policy, loader, preprocessor, camera_keys, accelerator) -> float:
+def save(run: Run, step: int) -> Path | None:
+    """Checkpoint `step` (the main process writes, every process waits); the one code path of the
+    periodic, final and on-signal checkpoints. Returns its directory on the main process."""
+    if run.constraint is not None:
+        run.constraint.save_into(run.state)
+    checkpoint = None
+    gathered = run.parallel.checkpoint_state(run.policy, run.optimizer)  # every process takes part
+    if run.is_main:
+        checkpoint = save_training_checkpoint(
+            Path(run.cfg.output_dir),
+            step,
+            run.cfg.steps,
+            run.state,
+            cfg=run.cfg,
+            policy=run.accelerator.unwrap_model(run.policy),
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            preprocessor=run.preprocessor,
+            postprocessor=run.postprocessor,
+            num_processes=run.accelerator.num_processes,
+            batch_size=frames_per_step(run.cfg),
+            **gathered,
+        )
+    run.accelerator.wait_for_everyone()
+    return checkpoint
+
+
+class StopOnSignal:
+    """While active (on the main thread): the first SIGINT/SIGTERM asks the loop to stop after the
+    current step, with a checkpoint; a second one exits at once (status 128 + signal number)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # the signal this process received
+        self.stopped_by: str | None = None  # set by the loop when it stops early
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            logger.warning("%s: stopping after this step with a checkpoint (%s again aborts at once, unsaved)", name, name)
+            return
+        sys.stderr.write(f"\naborted by a second {name}: nothing saved since the last checkpoint\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+
+def _agree_to_stop(run: Run, requested: bool) -> bool:
+    """Whether any process asked to stop: every process stops after the same step. Single-process
+    runs decide locally (no synchronisation); multi-process runs all-reduce the flag each step."""
+    if run.accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=run.accelerator.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _finished_run(cfg: CraftTrainPipelineConfig, start: float) -> TrainResult | None:
+    """The result of resuming a checkpoint already at --steps (nothing to train), else None.
+    A checkpoint beyond --steps is an error: the run would train backwards."""
+    state = CraftState.read(cfg.checkpoint_path)  # first: a foreign checkpoint gets its clear error
+    step = load_training_step(cfg.checkpoint_path / TRAINING_STATE_DIR)
+    if step < cfg.steps:
+        return None
+    if step > cfg.steps:
+        raise ValueError(f"the checkpoint {cfg.checkpoint_path} is at step {step}, beyond --steps={cfg.steps}")
+    final_lambda = state.multiplier["value"] if state.multiplier is not None else None
+    return TrainResult(
+        output_dir=Path(cfg.output_dir),
+        checkpoint=cfg.checkpoint_path,
+        first_step=step,
+        steps=step,
+        wall_time_s=time.perf_counter() - start,
+        skipped_steps=state.skipped_steps,
+        final_lambda=final_lambda,
+    )
+
+
+def held_out_loss(run: Run) -> float:
     """Mean task loss over the held-out episodes (--dataset.eval_split with --eval_steps)."""
-    policy.eval()
-    total, batches = torch.zeros((), device=accelerator.device), 0
-    with torch.no_grad(), accelerator.autocast():
-        for batch in loader:
-            total += adapter.task_loss(preprocessor(images_to_float(batch, camera_keys))).float()
+    run.policy.eval()
+    total, batches = torch.zeros((), device=run.accelerator.device), 0
+    with torch.no_grad(), run.accelerator.autocast():
+        for batch in run.eval_loader:
+            total += run.adapter.task_loss(run.preprocessor(images_to_float(batch, run.dataset.meta.camera_keys))).float()
             batches += 1
-    policy.train()
+    run.policy.train()
     return total.item() / max(batches, 1)
 
 
@@ -200,6 +383,12 @@ def _step_values(host: dict[str, float], applied: bool, lr: float, seconds: floa
     if constraint is not None:
         values.update({"lambda": constraint.lam, "epsilon": epsilon})
     return values
+
+
+def _anchor_batches(constraint: Constraint | None, step: int, count: int):
+    """The step's anchor batches, one per micro-batch, on retention steps; else None."""
+    first = constraint.anchor_batch(step) if constraint is not None else None
+    return None if first is None else [first] + [constraint.anchor_batch(step) for _ in range(count - 1)]
 
 
 def _count_skip(state: CraftState, applied: bool, step: int, host: dict[str, float], limit: int) -> None:

@@ -1,6 +1,7 @@
-"""Forgetting measurements: task losses on dataset frames and retention against the cached teacher.
+"""Forgetting measures: task losses on dataset frames and retention against the cached teacher.
 
-Shared by `python -m craft_ext.eval` and the embedded demo, so both report the same numbers.
+Shared by `python -m craft_ext.eval` and the embedded demo, so both report the same numbers
+(docs/architecture.md, "Measuring").
   action_token_ce       pi0-fast's training loss (next FAST-token cross-entropy), mean over frames
   decoded_action_mse    MSE between decoded action chunks and the dataset's, in normalised units
   retention_on_cache    mean retention distance of a policy's hidden states from the cached teacher's
@@ -23,9 +24,9 @@ from lerobot.utils.collate import lerobot_collate_fn
 from lerobot.utils.constants import ACTION
 
 from .anchors.reader import AnchorCache
+from .data import dataset_errors, images_to_float
 from .policies import make_adapter
 from .retention import retention_per_row
-from .trainer.factory import images_to_float
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ def load_eval_set(
 ) -> EvalSet:
     """Up to `max_frames` frames of a LeRobot dataset (a seeded random subset, in index order, never one
     of `exclude`), preprocessed by `preprocessor` (which holds the normalisation statistics to use)."""
-    meta = LeRobotDatasetMetadata(repo_id, root=root)
-    dataset = LeRobotDataset(repo_id, root=root, delta_timestamps=resolve_delta_timestamps(policy_config, meta))
+    with dataset_errors(repo_id, root, flag=f"{name}: root"):
+        meta = LeRobotDatasetMetadata(repo_id, root=root)
+        dataset = LeRobotDataset(repo_id, root=root, delta_timestamps=resolve_delta_timestamps(policy_config, meta))
     candidates = np.setdiff1d(np.arange(len(dataset)), np.asarray(exclude, dtype=np.int64))
     if len(candidates) == 0:
         raise ValueError(f"{name}: no frames left to evaluate on after excluding {len(exclude)} of {len(dataset)}")
