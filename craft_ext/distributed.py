@@ -1,78 +1,325 @@
-"""The CRaFT step on several processes, with torch.distributed (docs/architecture.md, "Many GPUs").
+"""The CRaFT step on several processes (docs/architecture.md, "Many GPUs").
 
-DDP (replicated gradients): run both backwards under ``ddp.no_sync()`` so DDP does not reduce them,
-then average each flat buffer once with ``all_reduce_mean_`` (one all-reduce per dtype group instead
-of DDP's per-bucket reductions, and R is only reduced on steps that computed it). Every rank then
-holds the same T and R, so ``surgery_`` gives the same G everywhere::
+Every rank weights its losses by its share of the whole step's loss terms (``loss_shares``), so the
+*sum* over ranks of the local gradients and losses is the gradient and loss of the global batch:
+every reduction here is a plain SUM (gloo has no AVG; NCCL sums without pre- or post-scaling).
 
-    with ddp.no_sync():
-        ...task backward into bufs.task, retention backward into bufs.retain...
-    losses = torch.stack([loss_task.detach(), loss_ret.detach()]).float()
-    all_reduce_mean_(bufs.task, bufs.retain, losses)  # one call, all in flight; losses now the means
-    out = surgery_(bufs.task, bufs.retain, lam.value, loss_ret=losses[1], epsilon=eps)
+Replicated parameters (data parallel): ``BucketReducer`` sums T (task backward) and R (retention
+backward) over ranks while the backward still runs, DDP's reducer on the flat buffers. FSDP2
+(``fully_shard``): FSDP's own reduce-scatter fills the local shard of T and R (with its divide
+factor set to 1, ``fsdp_sum_gradients``). Either way ``distributed_surgery_`` then takes the step's
+decision from one small all-reduce: the losses (and, for shards, the three stats) travel together,
+so the skip decision, the ``active`` projection and L_ret for the dual update are the same on every
+rank. A non-finite value on any rank reaches every rank through the sums (NaN + x = NaN): that is
+the skip flag, no separate vote is needed::
 
-FSDP2 (``fully_shard``): FSDP2 reduce-scatters each backward's gradient into ``param.grad``, which
-``GradBuffers`` points at the local shard of the active buffer. ``sharded_surgery_`` sums the three
-scalars of the local stats over ranks (one 3-element all-reduce) and merges each local shard.
+    reducer = BucketReducer(bufs, bucket_bytes=25 << 20)         # replicated parameters only
+    bufs.use("task")
+    with reducer.reducing(bufs.task, "task"):                    # last micro-batch only
+        (task_loss * share).backward()
+    bufs.use("retain")
+    with reducer.reducing(bufs.retain, "retain"):
+        (retention_loss * row_share).backward()
+    bufs.use("task")
+    reducer.wait()                                               # T, R: sums over ranks
+    out, losses = distributed_surgery_(bufs.task, bufs.retain, lam, local_losses, epsilon=eps)
 
-Either way, average the retention loss over ranks on the device (``all_reduce_mean_`` of the step's
-loss scalars, no host read) before the surgery and before ``LagrangeMultiplier.update``: the
-``active`` projection and lambda must be the same on every rank. Read the means on the host together
-with the step's other scalars, in the step's one host read.
+Why not ``DistributedDataParallel``: the step points ``param.grad`` at T for the task backward and
+at R for the retention backward. DDP's reducer owns the gradients (its buckets are views it makes
+``param.grad`` alias, or copies it reads back), so it would reduce into its own buckets, not into
+T and R, and it cannot tell which of the two a backward fills; under ``no_sync`` it reduces nothing
+and the whole buffer is reduced after the backward, exposed.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from .surgery import FlatGrads, merge_, surgery_coefficients, surgery_stats
+from .surgery import FlatGrads, GradBuffers, merge_, surgery_coefficients, surgery_stats
 
-__all__ = ["all_reduce_mean_", "sharded_surgery_"]
+__all__ = [
+    "BucketReducer",
+    "distributed_surgery_",
+    "loss_shares",
+    "fsdp_sum_gradients",
+    "broadcast_parameters_",
+    "check_replicas_agree",
+]
+
+#: DDP's default bucket size
+DEFAULT_BUCKET_BYTES = 25 << 20
 
 
-def all_reduce_mean_(*buffers: Union[FlatGrads, torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> None:
-    """Average gradient buffers (and 1-D tensors of per-rank scalars, such as the step's losses) across
-    ranks in place: one all-reduce per flat buffer, all in flight at once, no host read.
+def loss_shares(counts: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Each local micro-batch's share of the whole step's loss terms: counts / (sum over micro-batches
+    and ranks), on the device (one small all-reduce, no host read).
 
-    Each buffer is divided by the world size before the sum, as DDP does, so fp16/bf16 sums stay in range.
-    With equal batch and anchor counts per rank, averaged losses are the losses of the whole batch.
+    Weighting each micro-batch's mean loss by its share makes the sum over ranks of the weighted
+    losses (and gradients) exactly the loss (gradient) of the global batch, whatever the split.
     """
-    flats = [flat for b in buffers for flat in (b.flats if isinstance(b, FlatGrads) else (b,))]
-    world = dist.get_world_size(group)
-    works = []
-    for flat in flats:
-        flat.div_(world)
-        works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True))
-    for work in works:
-        work.wait()
+    total = counts.float().sum().reshape(1)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return counts.float() / total.clamp_min(1.0)
 
 
-def sharded_surgery_(
+@dataclass
+class _Bucket:
+    group: int  # index of the dtype group (flat buffer)
+    start: int
+    stop: int
+    params: list[int]
+
+
+@dataclass
+class _Plan:
+    """What the first reduced backward of a kind taught: the parameters it never gives a gradient
+    (on any rank) and the order in which its buckets are launched (rank 0's readiness order)."""
+
+    unused: frozenset[int]
+    order: list[int]  # bucket indices; buckets of unused parameters only are left out
+
+
+@dataclass
+class _Pass:
+    """One reduced backward: the storage it fills and how far its buckets are."""
+
+    storage: FlatGrads
+    kind: str
+    plan: Optional[_Plan]  # None: the first backward of this kind (learning)
+    pending: list[int]
+    fired: list[int]  # per parameter: its position in this backward's gradient order, -1 before
+    count: int = 0  # gradients so far
+    next: int = 0  # position in plan.order of the next bucket to launch
+    works: list = field(default_factory=list)
+
+
+class BucketReducer:
+    """Sums a ``GradBuffers`` storage over ranks while the backward that fills it still runs.
+
+    Buckets are contiguous slices of each flat buffer of at most ``bucket_bytes`` (a larger
+    parameter is a bucket of its own), in parameter order, so their ranges are the same in T and R.
+    A post-accumulate-grad hook on each parameter counts down its bucket; once every parameter of a
+    bucket has its gradient the bucket is ready, and ready buckets start their asynchronous
+    all-reduce (SUM) in a fixed order while the backward goes on. Collectives must be issued in the
+    same order on every rank, so that order is rank 0's readiness order, learned on the first
+    backward of each kind ("task", "retain") as DDP's static graph learns it; the same step also
+    learns which parameters get no gradient in that kind of backward on any rank (e.g. the LM head in
+    the prefix-only retention pass): their slices are zero everywhere and are not reduced again.
+    That first backward is reduced after it ends (one extra small all-reduce and host read, once).
+    Whatever a backward leaves unlaunched (a parameter without a gradient this time) is launched
+    when it ends, in order, before the next backward's buckets. A learned-unused parameter that
+    later gets a gradient raises: each kind of backward must use the same parameters every step.
+    """
+
+    def __init__(self, bufs: GradBuffers, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, group: Optional[dist.ProcessGroup] = None):
+        if bufs.task.sharded:
+            raise ValueError("BucketReducer: these buffers hold FSDP2 shards; FSDP reduces their gradients itself")
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes={bucket_bytes}: expected >= 1")
+        self.names, self.group = bufs.names, group
+        self.buckets = _buckets(bufs.task, bucket_bytes)
+        self._bucket_of = [0] * len(bufs.params)
+        for b, bucket in enumerate(self.buckets):
+            for i in bucket.params:
+                self._bucket_of[i] = b
+        self._plans: dict[str, _Plan] = {}
+        self._passes: list[_Pass] = []
+        self._current: Optional[_Pass] = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(bufs.params)]
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def reducing(self, storage: FlatGrads, kind: str) -> Iterator[None]:
+        """Reduce ``storage`` (which ``param.grad`` must point at) during the backward run inside.
+
+        Wrap the last backward into ``storage`` of the step (with gradient accumulation, the earlier
+        micro-batches accumulate locally first), then call ``wait`` before reading it.
+        """
+        if self._current is not None:
+            raise RuntimeError("BucketReducer.reducing: already reducing a backward")
+        if any(p.storage is storage for p in self._passes):
+            raise RuntimeError("BucketReducer.reducing: this storage is already being reduced; call wait() first")
+        plan = self._plans.get(kind)
+        unused = plan.unused if plan is not None else frozenset()
+        pending = [sum(i not in unused for i in bucket.params) for bucket in self.buckets]
+        current = _Pass(storage, kind, plan, pending, [-1] * len(self._bucket_of))
+        self._passes.append(current)
+        self._current = current
+        try:
+            yield
+        finally:
+            self._current = None
+        if current.plan is None:
+            current.plan = self._plans[kind] = self._learn(current)
+        self._launch_ready(current, everything=True)
+
+    @property
+    def launched(self) -> int:
+        """Buckets the backward being reduced has launched so far (0 outside ``reducing``)."""
+        return len(self._current.works) if self._current is not None else 0
+
+    def wait(self) -> None:
+        """Wait until every reduction started since the last ``wait`` is done (on CUDA the current
+        stream waits; the host does not)."""
+        passes, self._passes = self._passes, []
+        for p in passes:
+            for work in p.works:
+                work.wait()
+
+    def _hook(self, index: int):
+        def hook(_param: torch.Tensor) -> None:
+            current = self._current
+            if current is None:  # a backward that is not reduced (an earlier micro-batch)
+                return
+            if current.plan is not None and index in current.plan.unused:
+                raise RuntimeError(
+                    f"{self.names[index]} got a gradient in the {current.kind} backward although it had none on "
+                    "the first step: the overlapped reducer assumes every step's backward of a kind uses the same "
+                    "parameters"
+                )
+            if current.fired[index] >= 0:
+                raise RuntimeError(f"{self.names[index]} got two gradients in one reduced backward")
+            current.fired[index], current.count = current.count, current.count + 1
+            bucket = self._bucket_of[index]
+            current.pending[bucket] -= 1
+            if current.plan is not None and current.pending[bucket] == 0:
+                self._launch_ready(current)
+
+        return hook
+
+    def _launch_ready(self, p: _Pass, everything: bool = False) -> None:
+        """Launch the buckets of ``p.plan.order`` from ``p.next`` on while they are ready (all of them
+        with ``everything``)."""
+        order = p.plan.order
+        while p.next < len(order) and (everything or p.pending[order[p.next]] == 0):
+            bucket = self.buckets[order[p.next]]
+            view = p.storage.flats[bucket.group][bucket.start : bucket.stop]
+            p.works.append(dist.all_reduce(view, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+            p.next += 1
+
+    def _learn(self, p: _Pass) -> _Plan:
+        """The plan of ``p.kind`` from its first backward: parameters without a gradient on every rank,
+        and buckets ordered by when rank 0's backward completed them (its last gradient in them)."""
+        fired = torch.tensor(p.fired, dtype=torch.float64, device=p.storage.flats[0].device)
+        anywhere = (fired >= 0).double()
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX, group=self.group)
+        dist.broadcast(fired, group=self.group, group_src=0)
+        anywhere, rank0 = torch.stack([anywhere, fired]).tolist()
+        unused = frozenset(i for i, got in enumerate(anywhere) if got == 0)
+        last = float("inf")
+        keys = {}
+        for b, bucket in enumerate(self.buckets):
+            used = [i for i in bucket.params if i not in unused]
+            if used:  # a parameter rank 0 gave no gradient (another rank did) counts as last
+                keys[b] = max(rank0[i] if rank0[i] >= 0 else last for i in used)
+        return _Plan(unused, sorted(keys, key=lambda b: (keys[b], b)))
+
+
+def _buckets(storage: FlatGrads, bucket_bytes: int) -> list[_Bucket]:
+    """Contiguous slices of each flat buffer, cut at parameter boundaries once ``bucket_bytes`` is reached."""
+    slots: dict[int, list[tuple[int, int, int]]] = {}  # group -> (offset, numel, param index)
+    pointers = {flat.untyped_storage().data_ptr(): g for g, flat in enumerate(storage.flats)}
+    for i, view in enumerate(storage.grads):
+        group = pointers[view.untyped_storage().data_ptr()]
+        slots.setdefault(group, []).append((view.storage_offset() - storage.flats[group].storage_offset(), view.numel(), i))
+    buckets = []
+    for group, members in sorted(slots.items()):
+        element = storage.flats[group].element_size()
+        current: Optional[_Bucket] = None
+        for offset, numel, i in sorted(members):
+            if current is None or (current.stop - current.start) * element >= bucket_bytes:
+                current = _Bucket(group, offset, offset, [])
+                buckets.append(current)
+            current.stop = offset + numel
+            current.params.append(i)
+    return buckets
+
+
+def distributed_surgery_(
     task: FlatGrads,
-    retain: FlatGrads,
+    retain: Optional[FlatGrads],
     lam: Union[float, torch.Tensor],
+    losses: torch.Tensor,
     *,
     project: str = "active",
-    loss_ret: Union[float, torch.Tensor, None] = None,
     epsilon: Union[float, torch.Tensor, None] = None,
     tau: float = 0.0,
     mode: str = "weighted",
     max_norm: Optional[float] = None,
     group: Optional[dist.ProcessGroup] = None,
-) -> dict[str, torch.Tensor]:
-    """``surgery_`` for FSDP2 shards: global stats from the local ones (one 3-scalar all-reduce), local merge.
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``surgery_`` across ranks: one small all-reduce carries the decision, then the local merge.
 
-    Same arguments and returned metrics as ``craft_ext.surgery.surgery_``; ``loss_ret`` must be the
-    mean over ranks (``all_reduce_mean_``). The metrics are global (the same on every rank), so is
-    the decision, and each rank writes G into its own shard of T.
+    ``losses``: float32[1] (L_task) or [2] (L_task, L_ret) of this rank's weighted shares
+    (``loss_shares``), which sum over ranks to the step's losses; ``retain``: None on a step without
+    a retention gradient. Replicated buffers must already be summed (``BucketReducer.wait``): their
+    stats are computed locally, the same on every rank. Sharded (FSDP2) buffers contribute their
+    local stats to the all-reduce. Returns (metrics as ``surgery_``'s, the step's losses); both are
+    the same on every rank, so is the decision to apply or skip (a NaN anywhere reaches every rank
+    through the sums, and then ``found_inf`` is 1 and G is all NaN everywhere).
     """
-    stats = surgery_stats(task, retain)
-    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    out = surgery_coefficients(
-        stats, lam, project=project, loss_ret=loss_ret, epsilon=epsilon, tau=tau, mode=mode, max_norm=max_norm
-    )
+    losses = losses.float().reshape(-1)
+    sharded = task.sharded
+    if sharded:
+        vector = torch.cat([surgery_stats(task, retain), losses])
+        dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=group)
+        stats, losses = vector[:3], vector[3:]
+    else:
+        losses = losses.clone()
+        dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=group)
+        stats = surgery_stats(task, retain)
+    if retain is None:
+        out = surgery_coefficients(stats, 0.0, project="never", max_norm=max_norm)
+    else:
+        out = surgery_coefficients(
+            stats, lam, project=project, loss_ret=losses[1], epsilon=epsilon, tau=tau, mode=mode, max_norm=max_norm
+        )
     merge_(task, retain, out)
-    return out
+    return out, losses
+
+
+def fsdp_sum_gradients(modules: Sequence[nn.Module]) -> None:
+    """Make FSDP2's reduce-scatter a plain SUM (no division by the world size, no NCCL PreMulSum,
+    which gloo lacks): the losses are already weighted by each rank's share (``loss_shares``)."""
+    for module in modules:
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def broadcast_parameters_(module: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (before any sharding): all ranks
+    start from the same weights whatever each loaded or initialised."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    works = [dist.broadcast(t.data, src=src, group=group, async_op=True) for t in tensors.values()]
+    for work in works:
+        work.wait()
+
+
+def check_replicas_agree(module: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Raise if any rank's replicated parameters differ from the others' (a float64 sum and sum of
+    squares per parameter, compared by one MAX and MIN all-reduce); one host read."""
+    named = [(n, p) for n, p in module.named_parameters()]
+    if not named:
+        return
+    fingerprint = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for _, p in named])
+    high, low = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    differs = ((high != low) & ~(high.isnan() & low.isnan())).any(dim=1)
+    if bool(differs.any()):
+        first = named[int(differs.nonzero()[0])][0]
+        raise RuntimeError(
+            f"the processes' copies of the model differ (first: {first}): they applied different updates; "
+            "resume from the last checkpoint"
+        )

@@ -1,11 +1,16 @@
-"""The CRaFT step on 2 CPU processes (gloo): DDP and FSDP2 must equal one process on the whole batch,
-with the default (active) projection, decided on the rank-averaged L_ret, and with the always rule.
+"""The multi-process engine on 2 CPU processes (gloo): the overlapped bucket reducer (replicated
+parameters) and FSDP2 shards must give the step of one process on the whole batch, with ranks that
+hold unequal shares of the batch and accumulate unequal numbers of micro-batches; a non-finite
+value on one rank must make every rank skip; replicas are broadcast and checked.
 
 One spawn runs every scenario (process start-up dominates the cost); each rank records, per scenario,
-either "ok" or the traceback of its failed assertion, and the tests below report them.
+either "ok" or the traceback of its failed assertion, and the tests below report them. The trainer's
+use of the same functions is tested through the CLI in test_multiprocess_train.py.
 """
 
+import contextlib
 import json
+import math
 import os
 import socket
 import traceback
@@ -19,7 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import craft_ext
-from craft_ext.distributed import all_reduce_mean_, sharded_surgery_
+from craft_ext.distributed import (
+    BucketReducer,
+    broadcast_parameters_,
+    check_replicas_agree,
+    distributed_surgery_,
+    fsdp_sum_gradients,
+    loss_shares,
+)
 from craft_ext.dual import LagrangeMultiplier
 from craft_ext.surgery import GradBuffers, surgery_
 
@@ -30,80 +42,129 @@ pytestmark = pytest.mark.skipif(
 WORLD = 2
 STEPS = 3
 EPSILON = 0.05
-#: projection rules; the active one gets this step's (rank-averaged) L_ret and EPSILON
+#: projection rules; the active one gets this step's (global) L_ret and EPSILON
 RULES = {
     "active": {"project": "active", "mode": "weighted", "max_norm": 0.8},
     "always": {"project": "always", "tau": 0.2, "mode": "weighted", "max_norm": 0.8},
 }
+#: task rows of each rank's two micro-batches (of the step's 8): unequal shares, unequal micro-batches
+TASK_SPLIT = {0: [1, 2], 1: [2, 3]}
+ANCHOR_ROWS = 3  # per rank, of the step's 6
 
 
-def _model() -> nn.Module:
-    # Linear(9, 1) has a single row: with FSDP2 on 2 ranks, rank 1's shard of it is empty.
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 1))
+class _Model(nn.Module):
+    """`head` feeds only the task loss: the retention backward gives it no gradient (as pi0-fast's
+    LM head in the prefix-only anchor pass). Linear(9, 1) has a single row: with FSDP2 on 2 ranks,
+    rank 1's shard of it is empty."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9), nn.Tanh())
+        self.out = nn.Linear(9, 1)
+        self.head = nn.Linear(9, 1)
+
+    def forward(self, x, task: bool = True):
+        h = self.body(x)
+        return self.out(h) + (self.head(h) if task else 0.0)
 
 
-def _data(step: int):
+def _data(step: int, bad_anchor: bool = False):
     """The full batch of one step: task inputs/targets and anchors with their teacher outputs."""
     gen = torch.Generator().manual_seed(100 + step)
     x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 1, generator=gen)
-    anchors = torch.randn(6, 6, generator=gen)
+    anchors = torch.randn(2 * ANCHOR_ROWS, 6, generator=gen)
     teacher = torch.tanh(anchors[:, :1]) + 0.5
+    if bad_anchor:
+        teacher[-1] = float("inf")  # in rank 1's share of the anchors
     return x, y, anchors, teacher
 
 
-def _backwards(model, bufs, x, y, anchors, teacher):
-    """T and R of one step; returns the (task, retention) losses as one float32[2] tensor."""
-    bufs.task.zero_()
-    bufs.retain.zero_()
-    bufs.use("task")
-    task = F.mse_loss(model(x), y)
-    task.backward()
-    bufs.use("retain")
-    retention = F.mse_loss(model(anchors), teacher)
-    retention.backward()
-    bufs.use("task")
-    return torch.stack([task.detach(), retention.detach()]).float()
+def _local(rank, x, y, anchors, teacher):
+    """This rank's micro-batches of the task batch (TASK_SPLIT) and its share of the anchors."""
+    start = sum(sum(TASK_SPLIT[r]) for r in range(rank))
+    micro = []
+    for rows in TASK_SPLIT[rank]:
+        micro.append((x[start : start + rows], y[start : start + rows]))
+        start += rows
+    share = slice(rank * ANCHOR_ROWS, (rank + 1) * ANCHOR_ROWS)
+    return micro, anchors[share], teacher[share]
 
 
-def _surgery_options(rule, losses):
-    return {**RULES[rule], **({"loss_ret": losses[1], "epsilon": EPSILON} if rule == "active" else {})}
+def _surgery_options(rule):
+    return {**RULES[rule], **({"epsilon": EPSILON} if rule == "active" else {})}
 
 
-def _run(model, step_fn):
-    """STEPS optimisation steps; returns the buffers, the lambdas, the losses and the metrics of each step."""
+def _run(model, bufs, step_fn, bad_step=None):
+    """STEPS optimisation steps, skipping non-finite ones as the trainer does; returns the lambdas,
+    the losses and the metrics of each step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     lam = LagrangeMultiplier(0.5, lr=2.0, max_value=5.0, controller="pi", kp=1.0)
-    bufs = GradBuffers(model)
     lams, losses, metrics = [], [], []
     for step in range(STEPS):
-        out, step_losses = step_fn(bufs, lam, *_data(step))
-        opt.step()
+        out, step_losses = step_fn(lam, *_data(step, bad_anchor=step == bad_step))
         task, retention = step_losses.tolist()  # the step's one host read
-        lams.append(lam.update(retention, EPSILON))
+        if out["found_inf"].item() == 0:
+            opt.step()
+            lam.update(retention, EPSILON)
+        lams.append(lam.value)
         losses.append((task, retention))
         metrics.append({k: v.item() for k, v in out.items()})
-    return bufs, lams, losses, metrics
+    return lams, losses, metrics
 
 
-def _single_process_reference(rule):
-    def step_fn(bufs, lam, x, y, anchors, teacher):
-        losses = _backwards(model, bufs, x, y, anchors, teacher)
-        return surgery_(bufs.task, bufs.retain, lam.value, **_surgery_options(rule, losses)), losses
+def _reference(rule, bad_step=None):
+    """One process, the whole batch in one backward each."""
+    model = _Model()
+    bufs = GradBuffers(model)
 
-    model = _model()
-    _, lams, losses, metrics = _run(model, step_fn)
+    def step_fn(lam, x, y, anchors, teacher):
+        bufs.task.zero_()
+        bufs.retain.zero_()
+        bufs.use("task")
+        task = F.mse_loss(model(x), y)
+        task.backward()
+        bufs.use("retain")
+        retention = F.mse_loss(model(anchors, task=False), teacher)
+        retention.backward()
+        bufs.use("task")
+        losses = torch.stack([task.detach(), retention.detach()]).float()
+        options = _surgery_options(rule)
+        if "epsilon" in options:
+            options["loss_ret"] = losses[1]
+        return surgery_(bufs.task, bufs.retain, lam.value, **options), losses
+
+    lams, losses, metrics = _run(model, bufs, step_fn, bad_step)
     projected = [m["projected"] for m in metrics]
-    if rule == "active":  # the rule must both fire and hold back for the comparison to mean anything
+    if rule == "active" and bad_step is None:  # the rule must both fire and hold back for the comparison to mean anything
         assert 0.0 in projected and 1.0 in projected, (projected, losses)
     return [p.detach().clone() for p in model.parameters()], lams, losses, metrics
 
 
-def _local(rank, x, y, anchors, teacher):
-    """This rank's equal share of the batch and of the anchors."""
-    task_rows = slice(rank * x.shape[0] // WORLD, (rank + 1) * x.shape[0] // WORLD)
-    anchor_rows = slice(rank * anchors.shape[0] // WORLD, (rank + 1) * anchors.shape[0] // WORLD)
-    return x[task_rows], y[task_rows], anchors[anchor_rows], teacher[anchor_rows]
+def _local_step(rank, model, bufs, reducer, batch):
+    """This rank's backwards, weighted by its shares of the step; reduced by `reducer` if given
+    (replicated parameters) and by FSDP otherwise. Returns float32[2] of its weighted losses."""
+    micro, anchors, teacher = _local(rank, *batch)
+    shares = loss_shares(torch.tensor([float(len(mx)) for mx, _ in micro]))
+    reducing = reducer.reducing if reducer is not None else (lambda storage, kind: contextlib.nullcontext())
+    bufs.task.zero_()
+    bufs.retain.zero_()
+    bufs.use("task")
+    task = torch.zeros(())
+    for i, ((mx, my), share) in enumerate(zip(micro, shares)):
+        loss = F.mse_loss(model(mx), my)
+        with reducing(bufs.task, "task") if i == len(micro) - 1 else contextlib.nullcontext():
+            (loss * share).backward()
+        task = task + loss.detach() * share
+    bufs.use("retain")
+    share = 1.0 / WORLD  # equal anchor rows on every rank
+    retention = F.mse_loss(model(anchors, task=False), teacher)
+    with reducing(bufs.retain, "retain"):
+        (retention * share).backward()
+    bufs.use("task")
+    if reducer is not None:
+        reducer.wait()
+    return torch.stack([task, retention.detach() * share]).float()
 
 
 def _check_against_reference(params, lams, losses, metrics, reference):
@@ -112,55 +173,91 @@ def _check_against_reference(params, lams, losses, metrics, reference):
         torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
     assert lams == pytest.approx(ref_lams, rel=1e-5), (lams, ref_lams)
     assert lams[0] != lams[-1], "lambda should move for the comparison to mean anything"
-    for step_losses, ref in zip(losses, ref_losses):  # the rank means are the whole batch's losses
-        assert step_losses == pytest.approx(ref, rel=1e-5)
+    for step_losses, ref in zip(losses, ref_losses):  # the sums of the shares are the whole batch's losses
+        _assert_close(step_losses, ref, rel=1e-5)
     for step_metrics, ref in zip(metrics, ref_metrics):
         for key, value in ref.items():
-            assert step_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+            _assert_close([step_metrics[key]], [value], rel=1e-4, abs=1e-6)
     everyone = [None] * WORLD
     dist.all_gather_object(everyone, lams)
     assert all(other == lams for other in everyone), f"lambda differs across ranks: {everyone}"
 
 
-def _scenario_ddp(rank, rule, reference):
-    model = _model()
-    ddp = nn.parallel.DistributedDataParallel(model)
+def _assert_close(values, expected, **tolerance):
+    """Equal where the reference is finite; non-finite (of any kind: inf or NaN) where it is not."""
+    for value, ref in zip(values, expected, strict=True):
+        if math.isfinite(ref):
+            assert value == pytest.approx(ref, **tolerance), (values, expected)
+        else:
+            assert not math.isfinite(value), (values, expected)
 
-    def step_fn(bufs, lam, *batch):
-        with ddp.no_sync():
-            losses = _backwards(ddp, bufs, *_local(rank, *batch))
-        all_reduce_mean_(bufs.task, bufs.retain, losses)  # the losses travel with the gradients, on device
-        return surgery_(bufs.task, bufs.retain, lam.value, **_surgery_options(rule, losses)), losses
 
-    _, lams, losses, metrics = _run(model, step_fn)
+def _scenario_replicated(rank, rule, reference, bad_step=None):
+    model = _Model()
+    bufs = GradBuffers(model)
+    reducer = BucketReducer(bufs, bucket_bytes=64)  # several buckets for this tiny model
+    assert len(reducer.buckets) >= 4
+    launched_at_last_gradient = []
+    # body[0] is the first layer: its gradient comes last; by then the other buckets must be on their way
+    model.body[0].weight.register_post_accumulate_grad_hook(lambda _p: launched_at_last_gradient.append(reducer.launched))
+
+    def step_fn(lam, *batch):
+        losses = _local_step(rank, model, bufs, reducer, batch)
+        return distributed_surgery_(bufs.task, bufs.retain, lam.value, losses, **_surgery_options(rule))
+
+    lams, losses, metrics = _run(model, bufs, step_fn, bad_step)
     _check_against_reference([p.detach() for p in model.parameters()], lams, losses, metrics, reference)
+    # per step: 2 task micro-batches (the first is not reduced), then the retention backward
+    reduced = [n for i, n in enumerate(launched_at_last_gradient) if i % 3]
+    assert reduced[:2] == [0, 0], "the first backward of each kind is reduced after it ends (it learns the order)"
+    assert all(n > 0 for n in reduced[2:]), f"later backwards must overlap the reduction: {reduced}"
+    head_index = bufs.names.index("head.weight")
+    assert head_index in reducer._plans["retain"].unused and not reducer._plans["task"].unused
 
 
-def _scenario_fsdp2(rank, rule, reference):
+def _scenario_sharded(rank, rule, reference, bad_step=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = _Model()
     mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    units = [fully_shard(layer, mesh=mesh) for layer in (model.body[0], model.body[2], model.out)]
+    units.append(fully_shard(model, mesh=mesh))
+    fsdp_sum_gradients(units)
+    bufs = GradBuffers(model)
 
-    def step_fn(bufs, lam, *batch):
-        losses = _backwards(model, bufs, *_local(rank, *batch))
-        all_reduce_mean_(losses)
-        options = _surgery_options(rule, losses)
-        with pytest.raises(ValueError, match="sharded_surgery_"):
-            surgery_(bufs.task, bufs.retain, lam.value, **options)
-        return sharded_surgery_(bufs.task, bufs.retain, lam.value, **options), losses
+    def step_fn(lam, *batch):
+        losses = _local_step(rank, model, bufs, None, batch)
+        with pytest.raises(ValueError, match="FSDP2 shards"):
+            surgery_(bufs.task, bufs.retain, lam.value, **_surgery_options(rule), loss_ret=1.0)
+        return distributed_surgery_(bufs.task, bufs.retain, lam.value, losses, **_surgery_options(rule))
 
-    bufs, lams, losses, metrics = _run(model, step_fn)
+    lams, losses, metrics = _run(model, bufs, step_fn, bad_step)
     assert bufs.task.sharded and bufs.task.numel() < sum(p.numel() for p in model.parameters())
     params = [p.detach().full_tensor() for p in model.parameters()]
     _check_against_reference(params, lams, losses, metrics, reference)
 
 
-SCENARIOS = {"ddp": _scenario_ddp, "fsdp2": _scenario_fsdp2}
+def _scenario_non_finite_on_one_rank(rank, reference):
+    """Rank 1's anchors give an infinite L_ret at step 1: every rank skips that step (and only that
+    one), in both modes, and still ends equal to one process that skipped it."""
+    _, _, ref_losses, ref_metrics = reference
+    assert [m["found_inf"] for m in ref_metrics] == [0.0, 1.0, 0.0], ref_metrics
+    for scenario in (_scenario_replicated, _scenario_sharded):
+        scenario(rank, "active", reference, bad_step=1)
+
+
+def _scenario_replicas(rank):
+    """Different initial weights are found, and broadcasting rank 0's removes the difference."""
+    model = _Model()
+    if rank == 1:
+        with torch.no_grad():
+            model.body[2].bias[0] += 1e-6
+    with pytest.raises(RuntimeError, match=r"copies of the model differ \(first: body.2.bias\)"):
+        check_replicas_agree(model)
+    broadcast_parameters_(model)
+    check_replicas_agree(model)
+    torch.testing.assert_close(model.body[2].bias, _Model().body[2].bias, rtol=0, atol=0)
 
 
 def _worker(rank, port, out_dir):
@@ -169,16 +266,22 @@ def _worker(rank, port, out_dir):
     )
     torch.set_num_threads(1)
     results = {}
+
+    def attempt(key, fn, *args):
+        try:
+            fn(*args)
+            results[key] = "ok"
+        except Exception:  # recorded per scenario, re-raised by the matching test in the parent
+            results[key] = traceback.format_exc()
+        dist.barrier()
+
     try:
         for rule in RULES:
-            reference = _single_process_reference(rule)
-            for name, scenario in SCENARIOS.items():
-                try:
-                    scenario(rank, rule, reference)
-                    results[f"{name}-{rule}"] = "ok"
-                except Exception:  # recorded per scenario, re-raised by the matching test in the parent
-                    results[f"{name}-{rule}"] = traceback.format_exc()
-                dist.barrier()
+            reference = _reference(rule)
+            attempt(f"replicated-{rule}", _scenario_replicated, rank, rule, reference)
+            attempt(f"sharded-{rule}", _scenario_sharded, rank, rule, reference)
+        attempt("non-finite", _scenario_non_finite_on_one_rank, rank, _reference("active", bad_step=1))
+        attempt("replicas", _scenario_replicas, rank)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -198,9 +301,20 @@ def results(tmp_path_factory):
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_two_process_step_equals_single_process_step(results, scenario, rule):
-    key = f"{scenario}-{rule}"
+def _check(results, key):
     for rank, per_rank in enumerate(results):
         assert per_rank.get(key) == "ok", f"rank {rank}, {key}:\n{per_rank.get(key)}"
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_two_process_step_equals_single_process_step(results, mode, rule):
+    _check(results, f"{mode}-{rule}")
+
+
+def test_a_non_finite_value_on_one_rank_makes_every_rank_skip(results):
+    _check(results, "non-finite")
+
+
+def test_replicas_are_checked_and_broadcast(results):
+    _check(results, "replicas")

@@ -1,0 +1,186 @@
+"""The trainer on several processes: replicated data parallelism or FSDP2 (docs/architecture.md,
+"Many GPUs").
+
+`--craft.sharding=none` (default): every process holds the whole policy; the step's bucket reducer
+sums T and R over processes during the backward (`craft_ext.distributed.BucketReducer`).
+`--craft.sharding=fsdp2`: `fully_shard` on every transformer block (each element of the policy's
+`nn.ModuleList`s) and on a root around the policy that holds the rest (embeddings, vision
+embeddings, projector, LM head); weights, T, R and the optimizer state are divided by the number of
+processes. Either way all processes start from rank 0's weights (broadcast before sharding).
+
+Why the root wraps the policy instead of sharding it: FSDP2 gathers a unit's parameters in the
+unit's forward hook, and the CRaFT step never calls the policy's own forward (it runs the task loss
+through the inner model and the anchor pass through the prefix only). `ShardedAdapter` routes every
+adapter call through the root's forward, so FSDP sees one forward (and one backward) per pass.
+
+Why not accelerate's FSDP plugin: its `prepare` makes the policy the FSDP root (same problem) and
+swaps the optimizer's parameters itself; the flat gradient buffers must see the sharded parameters
+before the optimizer is built. A launch with an accelerate FSDP config is refused (`check_distributed`).
+
+Checkpoints are written as in one process: rank 0 writes the gathered weights (an ordinary lerobot
+checkpoint that `from_pretrained` loads) and the gathered optimizer state in lerobot's
+index-keyed layout, so a checkpoint resumes with either mode and any number of processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..distributed import broadcast_parameters_, check_replicas_agree, fsdp_sum_gradients
+from ..policies.base import PrefixHidden
+
+
+class Parallelism:
+    """How this run spreads over processes: built once in set-up, asked by the step and the saver."""
+
+    def __init__(self, accelerator, sharding: str):
+        """`sharding`: --craft.sharding (validated by the config and `check_distributed`)."""
+        self.world = accelerator.num_processes
+        self.device = accelerator.device
+        self.sharding = sharding
+        self.root: nn.Module | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.root is not None
+
+    def prepare(self, policy: nn.Module) -> nn.Module:
+        """Give every process rank 0's weights, then shard them (fsdp2). Call before the optimizer
+        and the gradient buffers are built: both must see the sharded parameters."""
+        if self.world == 1:
+            return policy
+        broadcast_parameters_(policy)
+        if self.sharding == "fsdp2":
+            self.root = shard_policy(policy, self.device)
+        return policy
+
+    def adapter(self, adapter):
+        """The adapter the step uses: its calls go through the FSDP root when sharded."""
+        return ShardedAdapter(adapter, self.root) if self.root is not None else adapter
+
+    def checkpoint_state(self, policy: nn.Module, optimizer) -> dict[str, Any]:
+        """Extra arguments of lerobot's `save_checkpoint` for this process's checkpoint; every process
+        calls it (it runs collectives). Sharded: the gathered weights and optimizer state (on rank 0;
+        empty elsewhere). Replicated: verifies that every process holds the same weights."""
+        if self.world == 1:
+            return {}
+        if self.root is None:
+            check_replicas_agree(policy)
+            return {}
+        return {"model_state_dict": gather_state_dict(policy), "optim_state_dict": gather_optimizer_state(optimizer)}
+
+
+def shard_policy(policy: nn.Module, device: torch.device) -> nn.Module:
+    """`fully_shard` each transformer block, then a root around the policy; returns the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    blocks = [block for module in policy.modules() if isinstance(module, nn.ModuleList) for block in module if _has_params(block)]
+    units = [fully_shard(block, mesh=mesh) for block in blocks]
+    root = fully_shard(_Root(policy), mesh=mesh)
+    fsdp_sum_gradients([*units, root])
+    return root
+
+
+class _Root(nn.Module):
+    """The FSDP2 root: holds the policy, and its forward runs whatever pass it is handed."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, fn: Callable, *args):
+        return fn(*args)
+
+
+class ShardedAdapter:
+    """A policy adapter whose model passes run inside the FSDP root's forward (see the module doc)."""
+
+    def __init__(self, adapter, root: nn.Module):
+        self._adapter, self._root = adapter, root
+
+    def __getattr__(self, name: str):
+        return getattr(self._adapter, name)
+
+    def task_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self._root(self._adapter.task_loss, batch)
+
+    def prefix_hidden(self, inputs: dict[str, torch.Tensor], layers) -> PrefixHidden:
+        # FSDP finds the output tensors that need its backward hooks in tuples, not in dataclasses
+        return PrefixHidden(*self._root(_prefix_tuple, self._adapter, inputs, layers))
+
+
+def _prefix_tuple(adapter, inputs, layers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = adapter.prefix_hidden(inputs, layers)
+    return out.hidden, out.token_mask, out.image_mask
+
+
+def gather_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's full state dict on rank 0's CPU (empty elsewhere); tied names keep sharing one
+    tensor, so the writer stores it once, as for an unsharded policy."""
+    rank0 = torch.distributed.get_rank() == 0
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in policy.state_dict(keep_vars=True).items():
+        if id(tensor) not in gathered:
+            gathered[id(tensor)] = _full(tensor, rank0)
+        if rank0:
+            out[name] = gathered[id(tensor)]
+    return out
+
+
+def gather_optimizer_state(optimizer) -> dict[str, Any]:
+    """The optimizer's full state dict (lerobot's index-keyed layout) on rank 0's CPU; empty elsewhere."""
+    rank0 = torch.distributed.get_rank() == 0
+    state_dict = optimizer.state_dict()
+    state = {
+        index: {key: _full(value, rank0) for key, value in sorted(values.items())}
+        for index, values in sorted(state_dict["state"].items())
+    }
+    return {"state": state, "param_groups": state_dict["param_groups"]} if rank0 else {}
+
+
+def load_optimizer_state(optimizer, checkpoint_dir: Path) -> None:
+    """Load a checkpoint's (full, index-keyed) optimizer state into a sharded optimizer: each process
+    keeps its shard of every state tensor (the checkpoint directory must be readable by all)."""
+    from lerobot.optim.optimizers import OPTIMIZER_PARAM_GROUPS, load_optimizer_state_dict
+    from lerobot.utils.constants import TRAINING_STATE_DIR
+    from lerobot.utils.io_utils import deserialize_json_into_object
+
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    saved = load_optimizer_state_dict(Path(checkpoint_dir) / TRAINING_STATE_DIR)
+    params = [p for group in inner.param_groups for p in group["params"]]
+
+    def shard(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        if isinstance(param, DTensor) and value.shape == param.shape:
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return value
+
+    state = {int(k): {name: shard(v, params[int(k)]) for name, v in values.items()} for k, values in saved["state"].items()}
+    groups = deserialize_json_into_object(
+        Path(checkpoint_dir) / TRAINING_STATE_DIR / OPTIMIZER_PARAM_GROUPS, inner.state_dict()["param_groups"]
+    )
+    inner.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _full(value, rank0: bool):
+    """A DTensor gathered (every process takes part) onto rank 0's CPU; other values as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        full = value.full_tensor()
+        return full.detach().cpu() if rank0 else None
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    return value
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
