@@ -19,6 +19,7 @@ synthetic tasks, CRaFT vs plain fine-tuning, a table, report.json and a plot.
 # the annotation of `train_cli` at run time.
 # lerobot is imported only once a run starts: `--help` renders without it (it takes seconds to load).
 
+import os
 import sys
 from pathlib import Path
 
@@ -108,8 +109,9 @@ def _run() -> int:
     except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(summary(result))
-    return EXIT_SIGNAL.get(result.stopped_by, 143) if result.stopped_by else 0
+    if os.environ.get("RANK", "0") == "0":  # one summary per run (torchrun sets RANK)
+        print(summary(result))
+    return EXIT_SIGNAL[result.stopped_by] if result.stopped_by else 0
 
 
 def summary(result) -> str:
@@ -121,9 +123,11 @@ def summary(result) -> str:
         if checkpoint is None:
             return f"stopped by {result.stopped_by} after step {result.steps}; no checkpoint (--save_checkpoint=false)"
         config = checkpoint.parent / "last" / "pretrained_model" / "train_config.json"
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        launcher = f" (launched as this run was, {processes} processes)" if processes > 1 else ""
         return (
             f"stopped by {result.stopped_by} after step {result.steps}: checkpoint {checkpoint}; resume with: "
-            f"python -m craft_ext.train --resume=true --config_path={config}"
+            f"python -m craft_ext.train --resume=true --config_path={config}{launcher}"
         )
     return (
         f"done: steps {result.first_step + 1}..{result.steps} in {result.wall_time_s:.1f} s; "

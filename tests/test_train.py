@@ -173,6 +173,34 @@ def test_lambda_rises_while_the_constraint_is_violated_and_falls_otherwise(kit, 
     assert loose[-1]["lambda"] < 1.0 < tight[-1]["lambda"]
 
 
+_AGREE = """
+import sys
+import torch, torch.distributed as dist
+from craft_ext.stopping import agree_to_stop
+dist.init_process_group("gloo")
+for received in sys.argv[1:]:
+    mine = received.split("/")[dist.get_rank()]
+    print(agree_to_stop(None if mine == "-" else mine, 2, torch.device("cpu")))
+dist.destroy_process_group()
+"""
+
+
+def test_every_process_stops_after_the_same_step_with_the_same_signal(tmp_path):
+    """Two gloo processes: a signal to either one stops both (the loop calls this at every step
+    boundary); SIGTERM wins over SIGINT, so the exit status agrees too."""
+    cases = ["-/-", "-/SIGTERM", "SIGINT/-", "SIGINT/SIGTERM"]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000), "WORLD_SIZE": "2"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _AGREE, *cases], cwd=REPO, env={**env, "RANK": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]  # fmt: skip
+    outputs = [proc.communicate(timeout=240) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        assert out.split() == ["None", "SIGTERM", "SIGINT", "SIGTERM"]
+
+
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_path, one_thread, monkeypatch, capsys):
     craft = dict(epsilon_start=0.0, epsilon_end=0.0, lambda_lr=10.0)
     full = make_config(kit, tmp_path / "full", anchor_cache, steps=6, **craft)

@@ -1,17 +1,14 @@
 """The training run: `setup` builds everything from the config, `run_loop` steps it.
 
 `train(cfg)` = validate, `setup`, `run_loop`. The loop writes metrics, periodic checkpoints, and on
-SIGINT/SIGTERM one more checkpoint after the current step (docs/architecture.md, "Data flow").
+SIGINT/SIGTERM one more checkpoint after the current step (craft_ext.stopping; docs/architecture.md,
+"Data flow").
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ from ..cli_logging import quiet_policy_load
 from ..data import images_to_float
 from ..policies import make_adapter
 from ..policies.base import PolicyAdapter
+from ..stopping import StopOnSignal, agree_to_stop
 from ..train_config import CraftTrainPipelineConfig
 from .checkpoint import CraftState, load_training_checkpoint, save_training_checkpoint
 from .checks import check_cache_fits, check_dataset_exists, check_distributed, check_supported, open_anchor_cache
@@ -53,9 +51,6 @@ logger = logging.getLogger(__name__)
 #: called on the main process at each log step with (step, policy); returns extra metrics to record.
 #: It must not run collectives (other processes do not call it).
 Probe = Callable[[int, torch.nn.Module], dict[str, float]]
-
-#: the signals that stop a run gracefully, and the exit status the CLI then returns (128 + number)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -229,6 +224,7 @@ def run_loop(run: Run, *, probe: Probe | None = None, start: float | None = None
         disable=not run.is_main or inside_slurm(),
     )  # fmt: skip
     stop = StopOnSignal()
+    devices = (run.accelerator.num_processes, run.accelerator.device)
     with stop, bar, constraint.anchors if constraint is not None else contextlib.nullcontext():
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -257,8 +253,8 @@ def run_loop(run: Run, *, probe: Probe | None = None, start: float | None = None
                 run.log.write({"step": step, "eval_loss": held_out_loss(run)})
             if cfg.save_checkpoint and should_save_checkpoint(step, cfg.save_freq, cfg.steps):
                 checkpoint, saved_at = save(run, step), step
-            if step < cfg.steps and _agree_to_stop(run, stop.received is not None):
-                stop.stopped_by = stop.received or "a signal to another process"
+            if step < cfg.steps and (stop_signal := agree_to_stop(stop.received, *devices)):
+                stop.stopped_by = stop_signal
                 if cfg.save_checkpoint and saved_at != step:
                     checkpoint = save(run, step)
                 break
@@ -300,45 +296,6 @@ def save(run: Run, step: int) -> Path | None:
         )
     run.accelerator.wait_for_everyone()
     return checkpoint
-
-
-class StopOnSignal:
-    """While active (on the main thread): the first SIGINT/SIGTERM asks the loop to stop after the
-    current step, with a checkpoint; a second one exits at once (status 128 + signal number)."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None  # the signal this process received
-        self.stopped_by: str | None = None  # set by the loop when it stops early
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.received is None:
-            self.received = name
-            logger.warning("%s: stopping after this step with a checkpoint (%s again aborts at once, unsaved)", name, name)
-            return
-        sys.stderr.write(f"\naborted by a second {name}: nothing saved since the last checkpoint\n")
-        sys.stderr.flush()
-        os._exit(128 + signum)
-
-
-def _agree_to_stop(run: Run, requested: bool) -> bool:
-    """Whether any process asked to stop: every process stops after the same step. Single-process
-    runs decide locally (no synchronisation); multi-process runs all-reduce the flag each step."""
-    if run.accelerator.num_processes == 1:
-        return requested
-    flag = torch.tensor([float(requested)], device=run.accelerator.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def _finished_run(cfg: CraftTrainPipelineConfig, start: float) -> TrainResult | None:
