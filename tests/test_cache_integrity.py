@@ -376,3 +376,26 @@ def test_student_matches_teacher_check(kit, tmp_path, capsys):
     assert check_student_matches_teacher(moved_mse, False, manifest, "mse") is not None
     assert check_student_matches_teacher(at_teacher * min(manifest.layer_var), False, manifest, "mse") is None
     assert check_student_matches_teacher(math.nan, False, manifest, "cosine") is not None
+
+
+def test_training_warns_when_the_student_is_not_the_caches_teacher(kit, cache_dir, tmp_path, monkeypatch, capsys):
+    """Through the trainer CLI: starting from the cache's teacher says nothing; starting from a copy of
+    it whose weights moved logs one warning line naming the teacher (and still trains)."""
+    from safetensors.torch import load_file, save_file
+
+    from test_train import cli_args
+    from test_train import run_cli as run_train
+
+    moved = tmp_path / "moved_policy"
+    shutil.copytree(kit.policy, moved)
+    weights = load_file(moved / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({k: v * (1 + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in weights.items()},
+              moved / "model.safetensors")  # fmt: skip
+
+    for policy, expect_warning in ((kit.policy, False), (moved, True)):
+        args = [a if not a.startswith("--policy.path=") else f"--policy.path={policy}" for a in cli_args(kit, tmp_path / f"run_{policy.name}", cache_dir, 1)]
+        code, out, err = run_train(monkeypatch, capsys, *args)
+        assert code == 0, err
+        warned = [line for line in (out + err).splitlines() if "does not start at the anchor cache's teacher" in line]
+        assert len(warned) == int(expect_warning), out + err

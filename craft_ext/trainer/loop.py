@@ -30,7 +30,14 @@ from ..policies.base import PolicyAdapter
 from ..stopping import StopOnSignal, agree_to_stop
 from ..train_config import CraftTrainPipelineConfig
 from .checkpoint import CraftState, load_training_checkpoint, save_training_checkpoint
-from .checks import check_cache_fits, check_dataset_exists, check_distributed, check_supported, open_anchor_cache
+from .checks import (
+    check_cache_fits,
+    check_dataset_exists,
+    check_distributed,
+    check_student_matches_teacher,
+    check_supported,
+    open_anchor_cache,
+)
 from .constraint import Constraint
 from .factory import (
     build_policy,
@@ -238,6 +245,10 @@ def run_loop(run: Run, *, probe: Probe | None = None, start: float | None = None
             applied = run.engine.finish(output, host)
             if applied and anchors is not None:
                 constraint.update(host["loss_ret"], epsilon)
+            if step == run.start_step and anchors is not None and run.is_main:  # the student starts at the teacher?
+                warning = check_student_matches_teacher(host["loss_ret"], cfg.resume, run.engine.manifest, cfg.craft.distance)
+                if warning is not None:
+                    logger.warning(warning)
             step += 1  # from here on `step` counts completed steps, as in metrics and checkpoints
             bar.update(1)
             _count_skip(state, applied, step, host, cfg.craft.max_consecutive_skips)
