@@ -14,12 +14,19 @@ namespace {
 
 template <typename T>
 CRAFT_CPU_CLONES void combine_range(T* a, const T* b, float c0, float c1, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = static_cast<T>(c0 * to_float(a[i]) + c1 * to_float(b[i]));
+}
+
+// float16: blocks converted to float (F16C), combined by the float kernel, converted back.
+template <>
+void combine_range<c10::Half>(c10::Half* a, const c10::Half* b, float c0, float c1, int64_t n) {
   for (int64_t i = 0; i < n; i += kFlush) {
     const int64_t len = std::min(kFlush, n - i);
-    float bx[kFlush], by[kFlush];  // float16 only
-    const auto* x = block(a + i, bx, len);
-    const auto* y = block(b + i, by, len);
-    store_block(a + i, len, [&](int64_t j) { return c0 * to_float(x[j]) + c1 * to_float(y[j]); });
+    float x[kFlush], y[kFlush];
+    half_to_float(a + i, x, len);
+    half_to_float(b + i, y, len);
+    combine_range(x, static_cast<const float*>(y), c0, c1, len);
+    float_to_half(x, a + i, len);
   }
 }
 

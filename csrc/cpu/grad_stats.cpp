@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../checks.h"
@@ -19,17 +20,14 @@ CRAFT_CPU_CLONES void stats_range(const T* a, const T* b, int64_t n, double* out
   double ab = 0, aa = 0, bb = 0;
   int64_t i = 0;
   for (; i + kFlush <= n; i += kFlush) {
-    float bx[kFlush], by[kFlush];  // float16 only
-    const auto* x = block(a + i, bx, kFlush);
-    const auto* y = block(b + i, by, kFlush);
     float lab[kLanes] = {}, laa[kLanes] = {}, lbb[kLanes] = {};
     for (int64_t j = 0; j < kFlush; j += kLanes) {
       for (int k = 0; k < kLanes; ++k) {
-        const float u = to_float(x[j + k]);
-        const float w = to_float(y[j + k]);
-        lab[k] += u * w;
-        laa[k] += u * u;
-        lbb[k] += w * w;
+        const float x = to_float(a[i + j + k]);
+        const float y = to_float(b[i + j + k]);
+        lab[k] += x * y;
+        laa[k] += x * x;
+        lbb[k] += y * y;
       }
     }
     for (int k = 0; k < kLanes; ++k) {
@@ -38,21 +36,31 @@ CRAFT_CPU_CLONES void stats_range(const T* a, const T* b, int64_t n, double* out
       bb += lbb[k];
     }
   }
-  if (i < n) {
-    float bx[kFlush], by[kFlush];
-    const auto* x = block(a + i, bx, n - i);
-    const auto* y = block(b + i, by, n - i);
-    for (int64_t j = 0; j < n - i; ++j) {
-      const double u = to_float(x[j]);
-      const double w = to_float(y[j]);
-      ab += u * w;
-      aa += u * u;
-      bb += w * w;
-    }
+  for (; i < n; ++i) {
+    const double x = to_float(a[i]);
+    const double y = to_float(b[i]);
+    ab += x * y;
+    aa += x * x;
+    bb += y * y;
   }
   out[0] = ab;
   out[1] = aa;
   out[2] = bb;
+}
+
+// float16: blocks converted to float (F16C), then the float kernel on each.
+template <>
+void stats_range<c10::Half>(const c10::Half* a, const c10::Half* b, int64_t n, double* out) {
+  out[0] = out[1] = out[2] = 0;
+  for (int64_t i = 0; i < n; i += kFlush) {
+    const int64_t len = std::min(kFlush, n - i);
+    float x[kFlush], y[kFlush];
+    half_to_float(a + i, x, len);
+    half_to_float(b + i, y, len);
+    double part[3];
+    stats_range(static_cast<const float*>(x), static_cast<const float*>(y), len, part);
+    for (int k = 0; k < 3; ++k) out[k] += part[k];
+  }
 }
 
 at::Tensor grad_stats_cpu(const at::Tensor& a, const at::Tensor& b) {

@@ -25,30 +25,35 @@ int64_t valid_elements(const MseShape& s, const bool* mask, int64_t b) {
 }
 
 template <typename S, typename T>
-CRAFT_CPU_CLONES double squared_error(const S* s, const T* t, int64_t n) {
+CRAFT_CPU_CLONES double squared_error(const S* x, const T* y, int64_t n) {
   double total = 0;
   int64_t i = 0;
   for (; i + kFlush <= n; i += kFlush) {
-    float bx[kFlush], by[kFlush];  // float16 only
-    const auto* x = block(s + i, bx, kFlush);
-    const auto* y = block(t + i, by, kFlush);
     float lane[kLanes] = {};
     for (int64_t j = 0; j < kFlush; j += kLanes) {
       for (int k = 0; k < kLanes; ++k) {
-        const float d = to_float(x[j + k]) - to_float(y[j + k]);
+        const float d = to_float(x[i + j + k]) - to_float(y[i + j + k]);
         lane[k] += d * d;
       }
     }
     for (int k = 0; k < kLanes; ++k) total += lane[k];
   }
-  if (i < n) {
-    float bx[kFlush], by[kFlush];
-    const auto* x = block(s + i, bx, n - i);
-    const auto* y = block(t + i, by, n - i);
-    for (int64_t j = 0; j < n - i; ++j) {
-      const double d = static_cast<double>(to_float(x[j])) - static_cast<double>(to_float(y[j]));
-      total += d * d;
-    }
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(to_float(x[i])) - static_cast<double>(to_float(y[i]));
+    total += d * d;
+  }
+  return total;
+}
+
+// A float16 teacher: blocks converted to float (F16C), then the float-teacher kernel on each.
+template <typename S>
+double squared_error(const S* x, const c10::Half* y, int64_t n) {
+  double total = 0;
+  for (int64_t i = 0; i < n; i += kFlush) {
+    const int64_t len = std::min(kFlush, n - i);
+    float t[kFlush];
+    half_to_float(y + i, t, len);
+    total += squared_error(x + i, static_cast<const float*>(t), len);
   }
   return total;
 }
@@ -56,12 +61,16 @@ CRAFT_CPU_CLONES double squared_error(const S* s, const T* t, int64_t n) {
 // out = scale * (s - t) over one row of n values.
 template <typename S, typename T>
 CRAFT_CPU_CLONES void scaled_difference(const S* s, const T* t, float scale, int64_t n, S* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<S>(scale * (to_float(s[i]) - to_float(t[i])));
+}
+
+template <typename S>
+void scaled_difference(const S* s, const c10::Half* t, float scale, int64_t n, S* out) {
   for (int64_t i = 0; i < n; i += kFlush) {
     const int64_t len = std::min(kFlush, n - i);
-    float bx[kFlush], by[kFlush];  // float16 only
-    const auto* x = block(s + i, bx, len);
-    const auto* y = block(t + i, by, len);
-    store_block(out + i, len, [&](int64_t j) { return scale * (to_float(x[j]) - to_float(y[j])); });
+    float y[kFlush];
+    half_to_float(t + i, y, len);
+    scaled_difference(s + i, static_cast<const float*>(y), scale, len, out + i);
   }
 }
 

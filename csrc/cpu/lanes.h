@@ -1,13 +1,12 @@
 // Helpers for CPU loops that the compiler can vectorise: independent float lanes, flushed into
-// double accumulators every block so long reductions keep better-than-fp32 accuracy, and blocks of
-// 16-bit values read as floats.
+// double accumulators every block so long reductions keep better-than-fp32 accuracy, and float16
+// blocks converted to float in hardware.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <type_traits>
 
 // The hot loops are compiled twice, for baseline x86-64 (SSE2) and for x86-64-v3 (AVX2, FMA, F16C),
 // and the loader picks the best one for the running CPU (GCC function multiversioning): the wheel
@@ -24,7 +23,7 @@ namespace craft::cpu {
 
 constexpr int kLanes = 16;       // independent accumulators: no reassociation needed to vectorise
 constexpr int64_t kFlush = 256;  // elements summed in float before flushing to double; also the block
-                                 // of 16-bit values converted at once (two such blocks fit in L1)
+                                 // of float16 values converted at once (a few such blocks fit in L1)
 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
@@ -41,6 +40,7 @@ constexpr int64_t kGrain = 2 * kChunk;
 // float16 <-> float32 for a block of values. c10::Half converts in software, one value at a time, and
 // the compiler does not vectorise it (about 10x a copy's time): on CPUs with F16C the conversion runs
 // 8 values per instruction, rounding to nearest even like c10::Half. GCC picks the version at load time.
+// The float16 kernels convert a block into a stack buffer and run the float32 kernel on it.
 #ifdef CRAFT_X86_MULTIVERSION
 __attribute__((target("default"), unused)) static void half_to_float(const c10::Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
@@ -69,29 +69,5 @@ __attribute__((target("avx2,f16c"), unused)) static void float_to_half(const flo
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 #endif
-
-// A block of n <= kFlush values of src, readable with to_float(): float32 and bfloat16 in place (the
-// compiler vectorises bfloat16 -> float, a shift, inside the loops), float16 converted into buf.
-template <typename T>
-inline auto block(const T* src, float* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    half_to_float(src, buf, n);
-    return static_cast<const float*>(buf);
-  } else {
-    return src;
-  }
-}
-
-// dst[j] = value(j) for j < n <= kFlush, rounded to T: float16 through a float buffer.
-template <typename T, typename F>
-inline void store_block(T* dst, int64_t n, F&& value) {
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    float out[kFlush];
-    for (int64_t j = 0; j < n; ++j) out[j] = value(j);
-    float_to_half(out, dst, n);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(value(j));
-  }
-}
 
 }  // namespace craft::cpu

@@ -30,9 +30,8 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 
 // Elements per vector access: 16 bytes of the narrower of the two dtypes.
-template <typename S, typename T>
-constexpr int vector_width() {
-  return 16 / static_cast<int>(sizeof(S) < sizeof(T) ? sizeof(S) : sizeof(T));
+constexpr int vector_width(int64_t student_size, int64_t teacher_size) {
+  return static_cast<int>(16 / (student_size < teacher_size ? student_size : teacher_size));
 }
 
 struct Geometry {
@@ -156,10 +155,12 @@ struct Prepared {
   at::Tensor student, teacher, mask;
   MseShape shape;
   Geometry geometry;
-  bool vectorised;
+  bool vectorised;  // 16-byte packs of vector_width() elements, else one element at a time
 };
 
-Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask, int vec) {
+// Checks (before any dtype dispatch, so bad input gets the same message as on the CPU), contiguous
+// inputs, and how the work is split.
+Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask) {
   Prepared p;
   p.shape = check_hidden_mse(student, teacher, mask);
   TORCH_CHECK(student.is_cuda(), "craft: student must be a CUDA tensor for the CUDA kernel");
@@ -168,6 +169,7 @@ Prepared prepare(const at::Tensor& student, const at::Tensor& teacher, const std
   if (mask.has_value()) p.mask = mask->contiguous();
   const MseShape& s = p.shape;
   const bool masked = p.mask.defined();
+  const int vec = vector_width(p.student.element_size(), p.teacher.element_size());
   // A row (unmasked: the whole sample) must be whole packs so every sample and row starts aligned.
   const int64_t unit = masked ? s.dim : s.per_sample();
   p.vectorised = unit % vec == 0 && reinterpret_cast<uintptr_t>(p.student.const_data_ptr()) % 16 == 0 &&
@@ -200,52 +202,50 @@ void with_width(bool vectorised, F&& f) {
 
 at::Tensor hidden_mse_cuda(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask) {
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor out;
-  dispatch_mse_types(student.scalar_type(), teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
+  const Prepared p = prepare(student, teacher, mask);
+  const MseShape& s = p.shape;
+  at::Tensor out = at::empty({s.batch}, p.student.options().dtype(at::kFloat));
+  if (s.batch == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool* pm = p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr;
+  const Geometry& g = p.geometry;
+  at::Tensor partial = at::empty({s.batch * g.blocks_x}, out.options().dtype(at::kDouble));
+  dispatch_mse_types(p.student.scalar_type(), p.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
-    constexpr int Vec = vector_width<S, T>();
-    Prepared p = prepare(student, teacher, mask, Vec);
-    const MseShape& s = p.shape;
-    out = at::empty({s.batch}, p.student.options().dtype(at::kFloat));
-    if (s.batch == 0) return;
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const bool* pm = p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr;
-    const Geometry& g = p.geometry;
-    at::Tensor partial = at::empty({s.batch * g.blocks_x}, out.options().dtype(at::kDouble));
+    constexpr int Vec = vector_width(sizeof(S), sizeof(T));
     with_width<Vec>(p.vectorised, [&](auto v) {
       mse_partial_kernel<decltype(v)::value, S, T><<<static_cast<unsigned>(s.batch * g.blocks_x), kThreads, 0, stream>>>(
           p.student.const_data_ptr<S>(), p.teacher.const_data_ptr<T>(), pm, g, partial.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    mse_final_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(partial.const_data_ptr<double>(), pm, g,
-                                                                               out.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  mse_final_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(partial.const_data_ptr<double>(), pm, g,
+                                                                             out.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 at::Tensor hidden_mse_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
                                     const std::optional<at::Tensor>& mask) {
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor out;
-  dispatch_mse_types(student.scalar_type(), teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
+  const Prepared p = prepare(student, teacher, mask);
+  const MseShape& s = p.shape;
+  check_hidden_mse_grad(grad, s, student);
+  const at::Tensor gr = grad.contiguous();
+  at::Tensor out = at::empty(p.student.sizes(), p.student.options());  // fresh, hence 16-byte aligned
+  if (out.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool* pm = p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr;
+  const Geometry& g = p.geometry;
+  at::Tensor scales = at::empty({s.batch}, gr.options());
+  mse_scale_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(gr.const_data_ptr<float>(), pm, g,
+                                                                            scales.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_mse_types(p.student.scalar_type(), p.teacher.scalar_type(), [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
-    constexpr int Vec = vector_width<S, T>();
-    Prepared p = prepare(student, teacher, mask, Vec);
-    const MseShape& s = p.shape;
-    check_hidden_mse_grad(grad, s, student);
-    const at::Tensor gr = grad.contiguous();
-    out = at::empty(p.student.sizes(), p.student.options());  // fresh, hence 16-byte aligned
-    if (out.numel() == 0) return;
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const bool* pm = p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr;
-    const Geometry& g = p.geometry;
-    at::Tensor scales = at::empty({s.batch}, gr.options());
-    mse_scale_kernel<<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(gr.const_data_ptr<float>(), pm, g,
-                                                                              scales.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int Vec = vector_width(sizeof(S), sizeof(T));
     with_width<Vec>(p.vectorised, [&](auto v) {
       mse_backward_kernel<decltype(v)::value, S, T><<<static_cast<unsigned>(s.batch * g.blocks_x), kThreads, 0, stream>>>(
           scales.const_data_ptr<float>(), p.student.const_data_ptr<S>(), p.teacher.const_data_ptr<T>(), pm, g,
