@@ -96,6 +96,7 @@ class _Pass:
     fired: list[int]  # per parameter: its position in this backward's gradient order, -1 before
     count: int = 0  # gradients so far
     next: int = 0  # position in plan.order of the next bucket to launch
+    launched_bytes: int = 0
     works: list = field(default_factory=list)
 
 
@@ -165,9 +166,9 @@ class BucketReducer:
         self._launch_ready(current, everything=True)
 
     @property
-    def launched(self) -> int:
-        """Buckets the backward being reduced has launched so far (0 outside ``reducing``)."""
-        return len(self._current.works) if self._current is not None else 0
+    def launched_bytes(self) -> int:
+        """Bytes whose all-reduce the backward being reduced has started so far (0 outside ``reducing``)."""
+        return self._current.launched_bytes if self._current is not None else 0
 
     def wait(self) -> None:
         """Wait until every reduction started since the last ``wait`` is done (on CUDA the current
@@ -206,6 +207,7 @@ class BucketReducer:
             bucket = self.buckets[order[p.next]]
             view = p.storage.flats[bucket.group][bucket.start : bucket.stop]
             p.works.append(dist.all_reduce(view, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+            p.launched_bytes += view.numel() * view.element_size()
             p.next += 1
 
     def _learn(self, p: _Pass) -> _Plan:

@@ -199,7 +199,7 @@ def _scenario_replicated(rank, rule, reference, bad_step=None):
     assert len(reducer.buckets) >= 4
     launched_at_last_gradient = []
     # body[0] is the first layer: its gradient comes last; by then the other buckets must be on their way
-    model.body[0].weight.register_post_accumulate_grad_hook(lambda _p: launched_at_last_gradient.append(reducer.launched))
+    model.body[0].weight.register_post_accumulate_grad_hook(lambda _p: launched_at_last_gradient.append(reducer.launched_bytes))
 
     def step_fn(lam, *batch):
         losses = _local_step(rank, model, bufs, reducer, batch)
@@ -318,3 +318,22 @@ def test_a_non_finite_value_on_one_rank_makes_every_rank_skip(results):
 
 def test_replicas_are_checked_and_broadcast(results):
     _check(results, "replicas")
+
+
+def test_overlap_benchmark_reports_every_mode(tmp_path):
+    """benchmarks/dp_overlap.py at toy size: every mode timed, with its wait after the backwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "report.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dp_overlap.py"
+    subprocess.run([sys.executable, str(script), "--layers", "3", "--width", "64", "--steps", "1", "--bucket-mb", "0.01",
+                    "--json", str(out)], check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
+    report = json.loads(out.read_text())
+    ms = report["median_ms"]
+    assert set(ms) == {"compute", "after", "overlap", "comm"} and all(v > 0 for v in ms.values())
+    # buckets are cut once they hold 10 KB: [w0] [b0 w1] [b1 w2] [b2] (weights 16 KiB, biases 256 B)
+    assert report["config"]["buckets"] == 4
+    for mode in ("after", "overlap"):
+        assert report[mode]["wait_ms"] > 0 and report[mode]["wait_ms"] < ms[mode]

@@ -109,8 +109,15 @@ def _torchrun(*args: str) -> list[str]:
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, _errors(result.stderr)
     return result
+
+
+def _errors(stderr: str) -> str:
+    """What failed in a torchrun's output: each process's error lines and tracebacks' last lines."""
+    lines = stderr.splitlines()
+    picked = [line for line in lines if line.startswith("error:") or "Error" in line or "error" in line.split(":")[0]]
+    return "\n".join(picked[-40:]) + "\n...\n" + stderr[-2000:]
 
 
 def _one_process(args: list[str]) -> None:
@@ -184,9 +191,11 @@ def _lambda(run: Path) -> float:
 
 
 #: relative tolerance per metric. One process's batch of 8 and two batches of 4 round differently
-#: (~1e-7); L_ret (~1e-6 here) is a small difference of O(1) hidden states, so it and R keep ~1e-5
-#: of that rounding, and the cosine, small here, carries it too (compared in absolute terms)
-TOLERANCE = {"loss_task": 1e-5, "task_norm": 1e-5, "grad_norm": 1e-5, "lambda": 1e-5, "loss_ret": 1e-4, "retain_norm": 1e-4}
+#: (~1e-7 relative); L_ret (~1e-6 here) is the mean square of a small difference of O(1) hidden
+#: states, so it and R carry that rounding magnified to ~1e-4, and so does the cosine (compared in
+#: absolute terms: it is near 0)
+TOLERANCE = {"loss_task": 1e-5, "task_norm": 1e-5, "grad_norm": 1e-5, "lambda": 1e-5, "loss_ret": 1e-3, "retain_norm": 1e-3}
+COS_TOLERANCE = 1e-4
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -201,7 +210,7 @@ def assert_same_run(a: Path, b: Path) -> None:
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-12), (x["step"], key)
         if "cos" in x:
-            assert y["cos"] == pytest.approx(x["cos"], abs=1e-5), x["step"]
+            assert y["cos"] == pytest.approx(x["cos"], abs=COS_TOLERANCE), x["step"]
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
@@ -243,7 +252,10 @@ def test_the_fsdp2_checkpoint_is_an_ordinary_lerobot_checkpoint(runs):
     one, fsdp2 = (load_file(run / "checkpoints" / "last" / "training_state" / "optimizer_state.safetensors") for run in (runs["one"], runs["fsdp2"]))
     assert one.keys() == fsdp2.keys()  # the gathered optimizer state in lerobot's one-process layout
     for key in one:
-        torch.testing.assert_close(fsdp2[key], one[key], rtol=1e-4, atol=1e-7, msg=key)  # moments of ~1e-7 rounding
+        # the moments agree to 1e-4 of their scale (small entries round more); a parameter whose
+        # gradient is zero up to rounding (~1e-13) has moments of pure rounding
+        scale = float(one[key].abs().max())
+        torch.testing.assert_close(fsdp2[key], one[key], rtol=1e-4, atol=max(1e-4 * scale, 1e-9), msg=key)
 
 
 def test_fsdp2_resume_after_a_killed_rank_equals_the_uninterrupted_run(runs):
@@ -266,3 +278,33 @@ def test_fsdp2_needs_several_processes(offline_kit_dir, wild_cache, tmp_path, ca
         sys.argv = argv
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: --craft.sharding=fsdp2 divides the policy over several processes") and err.count("\n") == 1
+
+
+def test_fsdp2_units_hold_one_dtype_each(offline_kit_dir):
+    """lerobot's --policy.dtype=bfloat16 keeps pi0-fast's vision path and norms in float32; FSDP2
+    needs one dtype per unit: every decoder layer stays a unit, its float32 norms become their own."""
+    from lerobot.configs import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class
+
+    from craft_ext.trainer.sharding import _Root, plan_units
+
+    kit = KitLayout.at(offline_kit_dir)
+    policy = get_policy_class(PreTrainedConfig.from_pretrained(kit.policy).type).from_pretrained(kit.policy)
+    policy.model.paligemma_with_expert.to_bfloat16_for_selected_params("bfloat16")
+    root = _Root(policy)
+    units = plan_units(root)
+    names = {module: name for name, module in root.named_modules()}
+    layers = policy.model.paligemma_with_expert.paligemma.model.language_model.layers
+    assert all(layer in units for layer in layers)
+    assert units.index(layers[0].input_layernorm) < units.index(layers[0])  # innermost first
+
+    def unit_params(module):  # the parameters a unit (or the root) holds: not those of units inside it
+        prefix = names[module] + "." if names[module] else ""
+        inner = {id(p) for unit in units if unit is not module and names[unit].startswith(prefix) for p in unit.parameters()}
+        return [p for p in module.parameters() if id(p) not in inner]
+
+    for module in [*units, root]:
+        dtypes = {p.dtype for p in unit_params(module)}
+        assert len(dtypes) <= 1, (names[module], dtypes)
+    assert {p.dtype for p in unit_params(root)} == {torch.bfloat16}  # embeddings and LM head
+    assert len({p.dtype for p in policy.parameters()}) == 2

@@ -4,9 +4,9 @@
 `--craft.sharding=none` (default): every process holds the whole policy; the step's bucket reducer
 sums T and R over processes during the backward (`craft_ext.distributed.BucketReducer`).
 `--craft.sharding=fsdp2`: `fully_shard` on every transformer block (each element of the policy's
-`nn.ModuleList`s) and on a root around the policy that holds the rest (embeddings, vision
-embeddings, projector, LM head); weights, T, R and the optimizer state are divided by the number of
-processes. Either way all processes start from rank 0's weights (broadcast before sharding).
+`nn.ModuleList`s; split by dtype where needed, `plan_units`) and on a root around the policy that
+holds the rest (embeddings, vision embeddings, projector, LM head); weights, T, R and the optimizer
+state are divided by the number of processes. Either way all processes start from rank 0's weights (broadcast before sharding).
 
 Why the root wraps the policy instead of sharding it: FSDP2 gathers a unit's parameters in the
 unit's forward hook, and the CRaFT step never calls the policy's own forward (it runs the task loss
@@ -24,6 +24,7 @@ index-keyed layout, so a checkpoint resumes with either mode and any number of p
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,16 +76,50 @@ class Parallelism:
 
 
 def shard_policy(policy: nn.Module, device: torch.device) -> nn.Module:
-    """`fully_shard` each transformer block, then a root around the policy; returns the root."""
+    """`fully_shard` the units of `plan_units`, then the root around the policy; returns the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    blocks = [block for module in policy.modules() if isinstance(module, nn.ModuleList) for block in module if _has_params(block)]
-    units = [fully_shard(block, mesh=mesh) for block in blocks]
-    root = fully_shard(_Root(policy), mesh=mesh)
-    fsdp_sum_gradients([*units, root])
+    root = _Root(policy)
+    units = [fully_shard(unit, mesh=mesh) for unit in plan_units(root)]
+    fsdp_sum_gradients([*units, fully_shard(root, mesh=mesh)])
     return root
+
+
+def plan_units(root: nn.Module) -> list[nn.Module]:
+    """The modules to `fully_shard` below `root`, innermost first: every transformer block (an
+    element of an `nn.ModuleList`), and wherever a module's trainable parameters are of several
+    dtypes, its children of the minority dtypes (FSDP2 gathers and reduces a unit's parameters as
+    one flat buffer of one dtype). lerobot's bf16 pi0-fast keeps the vision path and the norms in
+    float32: each decoder layer stays one bf16 unit with its two float32 norms as units of their
+    own, the vision tower and the projector become units, and the root keeps the bf16 embeddings
+    and LM head. Raises if one module owns parameters of several dtypes itself."""
+    units: list[nn.Module] = []
+
+    def plan(module: nn.Module, block: bool) -> Counter:
+        """Elements per dtype of `module`'s trainable parameters that no unit below it holds."""
+        children = {child: plan(child, isinstance(module, nn.ModuleList)) for child in module.children()}
+        counts = Counter()
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                counts[p.dtype] += p.numel()
+        own = set(counts)
+        if len(own) > 1:
+            raise ValueError(f"--craft.sharding=fsdp2: {type(module).__name__} holds parameters of several dtypes {own}")
+        for child_counts in children.values():
+            counts.update(child_counts)
+        if len(counts) > 1:
+            keep = next(iter(own)) if own else max(counts, key=counts.get)
+            units.extend(child for child, child_counts in children.items() if child_counts and keep not in child_counts)
+            counts = Counter({keep: counts[keep]})
+        if block and counts:
+            units.append(module)
+            return Counter()
+        return counts
+
+    plan(root, False)
+    return units
 
 
 class _Root(nn.Module):
@@ -175,12 +210,8 @@ def _full(value, rank0: bool):
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, DTensor):
-        full = value.full_tensor()
-        return full.detach().cpu() if rank0 else None
+        value = value.full_tensor()  # uneven shards: a view into the padded gathered buffer
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
+        # a copy that owns its storage (on the CPU `.cpu()` would keep the view, which safetensors refuses)
+        return value.detach().to("cpu", copy=True) if rank0 else None
     return value
-
-
-def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
