@@ -2,9 +2,9 @@
 
 One JSON object per log step, e.g.
     {"step": 200, "loss_task": 1.93, "loss_ret": 0.041, "lambda": 1.7, "epsilon": 0.05, "cos": -0.12,
-     "conflict_rate": 0.55, "task_norm": 3.1, "retain_norm": 0.8, "grad_norm": 1.0, "lr": 2.5e-05,
+     "conflict_rate": 0.55, "projected_rate": 0.3, "task_norm": 3.1, "retain_norm": 0.8, "grad_norm": 1.0, "lr": 2.5e-05,
      "skipped": 0, "step_s": 0.21, ...}
-`loss_ret`, `cos`, `conflict_rate` and `retain_norm` average over the window's retention steps only
+`loss_ret`, `cos`, `conflict_rate`, `projected_rate` and `retain_norm` average over the window's retention steps only
 (absent when it had none). The file is the run's record: the demo's report and plot are read from it.
 """
 
@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
-#: per-step values that exist only on retention steps
-RETENTION_KEYS = ("loss_ret", "cos", "conflict_rate", "retain_norm")
-
 
 class MetricsWindow:
     """Host-side sums of the per-step values since the last log step."""
