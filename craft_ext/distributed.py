@@ -24,11 +24,13 @@ the skip flag, no separate vote is needed::
     reducer.wait()                                               # T, R: sums over ranks
     out, losses = distributed_surgery_(bufs.task, bufs.retain, lam, local_losses, epsilon=eps)
 
-Why not ``DistributedDataParallel``: the step points ``param.grad`` at T for the task backward and
-at R for the retention backward. DDP's reducer owns the gradients (its buckets are views it makes
-``param.grad`` alias, or copies it reads back), so it would reduce into its own buckets, not into
-T and R, and it cannot tell which of the two a backward fills; under ``no_sync`` it reduces nothing
-and the whole buffer is reduced after the backward, exposed.
+Why not ``DistributedDataParallel``: DDP reduces in gradient buckets of its own, one more
+gradient's worth of memory beside T and R, or, with ``gradient_as_bucket_view``, makes ``param.grad``
+alias those buckets, which conflicts with pointing ``param.grad`` at T for the task backward and at
+R for the retention backward. It also arms its reducer in the wrapper's forward, which the CRaFT
+step never calls (the task loss runs through the policy's inner model, the anchor pass through the
+prefix only). Under ``no_sync`` it reduces nothing, and the whole buffer is reduced after the
+backward, exposed: what the trainer did before this reducer.
 """
 
 from __future__ import annotations
@@ -132,13 +134,8 @@ class BucketReducer:
         self._plans: dict[str, _Plan] = {}
         self._passes: list[_Pass] = []
         self._current: Optional[_Pass] = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(bufs.params)]
-
-    def close(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for i, p in enumerate(bufs.params):
+            p.register_post_accumulate_grad_hook(self._hook(i))
 
     @contextlib.contextmanager
     def reducing(self, storage: FlatGrads, kind: str) -> Iterator[None]:
