@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CraftConfig"]
+__all__ = ["CraftConfig", "L2SPConfig", "ReplayConfig"]
 
 #: --craft.sharding
 SHARDING_MODES = ("none", "fsdp2")
@@ -43,7 +43,9 @@ class CraftConfig:
     # Distance between student and cached teacher hidden states: normalized_mse (MSE / the teacher's
     # per-layer variance, so epsilon=0.05 means 5 percent of that variance), mse, or cosine.
     distance: str = "normalized_mse"
-    # Dual controller of lambda: ascent (projected dual ascent) or pi (nuPI, damps oscillation).
+    # Dual controller of lambda: ascent (projected dual ascent), pi (nuPI, damps oscillation), or fixed
+    # (lambda stays --craft.lambda_init: the fixed-weight penalty baseline; with --craft.project=never it
+    # is plain L_task + lambda * L_ret).
     controller: str = "ascent"
     # Initial Lagrange multiplier lambda (the weight of the retention gradient).
     lambda_init: float = 1.0
@@ -128,6 +130,90 @@ class CraftConfig:
                 "--craft.enable=true needs --craft.anchor_cache=DIR (build one with python -m "
                 "craft_ext.build_anchor_cache), or pass --craft.enable=false for plain fine-tuning"
             )
+
+
+@dataclass
+class ReplayConfig:
+    """The `--replay.*` options: frames of old LeRobot datasets mixed into every task batch (the replay
+    baseline, or replay together with CRaFT). Replay frames go through the run's preprocessor, so they
+    are normalised with the fine-tuning dataset's statistics, as in any lerobot multi-dataset run."""
+
+    # Share of every micro-batch of --batch_size frames given to replay frames: round(fraction *
+    # batch_size) of them (halves round up), the rest are task frames, so a step costs what a plain step
+    # does and sees fewer task frames. 0 = no replay.
+    fraction: float = 0.0
+    # Old LeRobot dataset(s) to replay from: one repo_id, or a list (--replay.repo_id='[a,b]'); frames are
+    # drawn uniformly from all of them together.
+    repo_id: list[str] | str | None = None
+    # Their local copies: one directory, or a list in the order of --replay.repo_id (default: lerobot's cache).
+    root: list[str] | str | None = None
+    # Replay exactly the frames an anchor cache was built from (its manifest names the dataset and the
+    # frame indices): replay of the old frames CRaFT anchors on. Replaces --replay.repo_id/root.
+    frames_from_cache: Path | None = None
+    # Seed of the replay sampler's per-epoch permutation (plus the process rank); null = the run's --seed.
+    seed: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+    def frames_per_batch(self, batch_size: int) -> int:
+        """Replay frames in each micro-batch of `batch_size` frames: round(fraction * batch_size), halves up."""
+        return math.floor(self.fraction * batch_size + 0.5) if self.enabled else 0
+
+    def repo_ids(self) -> list[str]:
+        return [] if self.repo_id is None else [self.repo_id] if isinstance(self.repo_id, str) else list(self.repo_id)
+
+    def roots(self) -> list[str | None]:
+        """One root per --replay.repo_id (None: lerobot's cache)."""
+        if self.root is None:
+            return [None] * len(self.repo_ids())
+        return [self.root] if isinstance(self.root, str) else list(self.root)
+
+    def validate(self, batch_size: int) -> None:
+        """Raise ValueError naming the first bad `--replay.*` value."""
+        if not (math.isfinite(self.fraction) and 0 <= self.fraction < 1):
+            raise ValueError(f"--replay.fraction={self.fraction}: expected a number in [0, 1)")
+        sources = self.repo_id is not None or self.root is not None or self.frames_from_cache is not None
+        if not self.enabled:
+            if sources:
+                raise ValueError("--replay.repo_id/root/frames_from_cache given, but --replay.fraction=0: set the fraction to replay")
+            return
+        if self.frames_from_cache is not None and (self.repo_id is not None or self.root is not None):
+            raise ValueError("--replay.frames_from_cache names the dataset itself: drop --replay.repo_id/root")
+        if self.frames_from_cache is None and not self.repo_ids():
+            raise ValueError(f"--replay.fraction={self.fraction} needs --replay.repo_id (or --replay.frames_from_cache=DIR)")
+        if len(self.roots()) != len(self.repo_ids()):
+            raise ValueError(
+                f"--replay.root names {len(self.roots())} director(ies) for {len(self.repo_ids())} --replay.repo_id: "
+                "give one root per dataset, in the same order"
+            )
+        count = self.frames_per_batch(batch_size)
+        if count < 1:
+            raise ValueError(
+                f"--replay.fraction={self.fraction} of --batch_size={batch_size} rounds to 0 replay frames: "
+                f"use a fraction >= {0.5 / batch_size:g} or a larger batch"
+            )
+        if count >= batch_size:
+            raise ValueError(
+                f"--replay.fraction={self.fraction} of --batch_size={batch_size} rounds to {count} replay frames, "
+                "leaving no task frames: lower the fraction"
+            )
+
+
+@dataclass
+class L2SPConfig:
+    """The `--l2sp.*` options: L2-SP, a penalty pulling the trainable weights toward the run's start."""
+
+    # Strength S: the step adds S * (theta - theta_0) to the task gradient, the gradient of
+    # S/2 * |theta - theta_0|^2, where theta_0 are the trainable weights when the run started. theta_0 is
+    # one extra copy of the trainable weights in memory, and is saved once as
+    # OUTPUT/l2sp_start.safetensors so a resumed run pulls toward the same point. 0 = off.
+    strength: float = 0.0
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.strength) and self.strength >= 0):
+            raise ValueError(f"--l2sp.strength={self.strength}: expected a finite number >= 0")
 
 
 def _choice(name: str, value: str, allowed) -> None:

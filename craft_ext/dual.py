@@ -13,6 +13,9 @@ Controllers, with the constraint violation ``e_t = L_ret - epsilon_t``:
   ``xi_t = ema * xi_{t-1} + (1 - ema) * e_t`` and ``xi_{-1} = 0``. The proportional term reacts to the
   change of the violation and damps the oscillation; with ``kp = 0, ki = 1`` it is exactly ``ascent``.
   Clipping the multiplier itself (not an integral sum) means there is no integral wind-up.
+- ``fixed``: no update, lambda stays at its initial value: the fixed-weight distillation penalty
+  ``L_task + lambda * L_ret`` that CRaFT is compared with (the baseline a constant weight gives; with
+  ``--craft.project=never`` it is exactly that penalty's gradient).
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import torch
 
 __all__ = ["LagrangeMultiplier", "epsilon_schedule"]
 
-CONTROLLERS = ("ascent", "pi")
+CONTROLLERS = ("ascent", "pi", "fixed")
 SCHEDULES = ("constant", "linear", "cosine", "exponential")
 
 
 class LagrangeMultiplier:
-    """The retention constraint's multiplier lambda >= 0, updated by dual ascent or a nuPI controller.
+    """The retention constraint's multiplier lambda >= 0, updated by dual ascent or a nuPI controller,
+    or held constant (``fixed``).
 
-    ``lr`` is the step size of both controllers; ``kp``, ``ki`` and ``ema`` are the nuPI gains and
-    filter (``ascent`` does not use them).
+    ``lr`` is the step size of both updating controllers; ``kp``, ``ki`` and ``ema`` are the nuPI gains
+    and filter (``ascent`` does not use them).
     """
 
     def __init__(
@@ -72,8 +76,9 @@ class LagrangeMultiplier:
     def update(self, retention_loss: float | torch.Tensor, epsilon: float) -> float:
         """One controller step on the violation ``retention_loss - epsilon``; returns the new lambda.
 
-        In multi-process training pass the loss averaged over ranks (``distributed.all_reduce_mean_`` on
-        the device, read on the host with the step's other scalars) so every rank computes the same lambda.
+        In multi-process training pass the global batch's loss (``distributed.distributed_surgery_`` sums
+        it across ranks on the device; the step reads it with its other scalars) so every rank computes
+        the same lambda.
         """
         loss = float(retention_loss)
         if not math.isfinite(loss):
@@ -81,6 +86,8 @@ class LagrangeMultiplier:
         if not math.isfinite(epsilon):
             raise ValueError(f"epsilon={epsilon!r}: expected a finite number")
         violation = loss - epsilon
+        if self.controller == "fixed":
+            return self._value
         if self.controller == "ascent":
             step = violation
         else:

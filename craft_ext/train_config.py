@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from lerobot.configs import parser
 from lerobot.configs.train import TrainPipelineConfig
 
-from .config import CraftConfig
+from .config import CraftConfig, L2SPConfig, ReplayConfig
 from .policies import SUPPORTED_POLICY_TYPES
 
 __all__ = ["CraftTrainPipelineConfig", "default_num_workers"]
@@ -31,9 +31,14 @@ class CraftTrainPipelineConfig(TrainPipelineConfig):
     # workers only delays the first step.
     num_workers: int | None = None
     craft: CraftConfig = field(default_factory=CraftConfig)
+    # baselines, alone or with CRaFT (craft_ext.config)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    l2sp: L2SPConfig = field(default_factory=L2SPConfig)
 
     def validate(self) -> None:
         self.craft.validate()
+        self.replay.validate(self.batch_size)
+        self.l2sp.validate()
         if self.steps < 1:
             raise ValueError(f"--steps={self.steps}: expected an integer >= 1")
         if self.num_workers is not None and self.num_workers < 0:

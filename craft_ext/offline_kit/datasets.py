@@ -1,18 +1,32 @@
-"""Deterministic synthetic LeRobot datasets for two conflicting tasks.
+"""Deterministic synthetic LeRobot datasets for two conflicting tasks that a tiny model can generalise.
 
 Every frame has one camera image (uint8 32x32x3), a state vector, an action vector and a task
 string. The STATE trajectories depend only on (seed, episode), never on the task, so two tasks built
 with the same seed see exactly the same states; a TaskSpec decides the prompt, the colours of the
-image and how the action depends on the state.
+image and the sign of the action.
 
-TASK_A and TASK_B conflict by construction: for the same state, B's action is the negation of A's
-(action = sign * tanh(W @ state), with one shared mixing matrix W and sign +1 / -1). After lerobot's
-mean/std normalisation with each dataset's own statistics, B's normalised action chunks are exactly
-the negated A chunks for the same normalised state, i.e. the same state tokens in the prompt must
-produce opposite FAST tokens. Only the prompt and the image colours tell the tasks apart, so plain
-fine-tuning on B pulls the shared weights away from A and measurably raises the task-A loss
-(measured on the kit's tiny pi0-fast trained 300 steps on A: 100 AdamW steps on B at lr 1e-3, batch
-8, take the task-A loss from 0.46 to 1.46 while the task-B loss falls from 4.68 to 1.87).
+The skill: the state is two planar oscillators, positions and velocities (x1, x2, v1, v2), all
+turning at one shared angular speed, so the state's future is a smooth (linear) function of its
+present. The action is the state's own continuation times the task's sign, and an action chunk is
+therefore a smooth function of the current state, which the policy reads from the prompt (pi0-fast
+writes the discretised state there) and, for the positions, from the marker in the image. A model
+that learned the rule predicts chunks for states it never saw: held-out episodes (other episode
+indices, `make_dataset(first_episode=...)`) measure the skill, not memorised frames.
+
+Why the states are small (STATE_SCALE): the kit's policy passes the state to the prompt unnormalised
+(IDENTITY), where pi0-fast discretises [-1, 1] into 256 bins; the states then cover ~32 bins, each
+seen many times in training, which is what lets a 0.2M-parameter model learn the rule in a few
+hundred steps instead of memorising frames.
+
+Why episodes come in mirrored pairs (episode 2k+1 has the negated states of 2k): every dataset's
+states and actions then have zero mean and the same statistics for every task, so normalising one
+task's frames with another task's statistics (as replay of old frames through the fine-tuning run's
+preprocessor does) gives exactly the values the first task was trained on.
+
+TASK_A and TASK_B conflict by construction: for the same state, B's action is the negation of A's;
+only the prompt and the image colours tell the tasks apart, so fine-tuning on B pulls the shared
+weights away from A and measurably raises task A's loss, on its training frames and on held-out
+episodes alike.
 """
 
 from __future__ import annotations
@@ -26,10 +40,12 @@ from lerobot.datasets import LeRobotDataset
 
 IMAGE_SIZE = 32
 MARKER_SIZE = 8
-#: fixed seed of the state -> action mixing matrix shared by all tasks (the conflict needs one W)
-MIXING_SEED = 1234
-#: frequency range of the state sinusoids
-STATE_FREQ_HZ = (0.05, 0.15)
+#: states lie in [-STATE_SCALE, STATE_SCALE] (see the module docstring)
+STATE_SCALE = 0.125
+#: the oscillators' shared frequency: an 8-frame action chunk at 10 fps spans ~0.5 rad of their turn
+STATE_FREQ_HZ = 0.1
+#: range of the oscillators' radii, in units of STATE_SCALE
+RADIUS_RANGE = (0.3, 1.0)
 
 
 @dataclass(frozen=True)
@@ -39,8 +55,8 @@ class TaskSpec:
     name:        dataset name, used as the LeRobot repo_id and directory name
     prompt:      task string stored with every frame (lerobot builds the policy prompt from it)
     background:  RGB of the image background
-    marker:      RGB of a square drawn where state dims 0 and 1 place it (the image shows the state)
-    action_sign: +1 or -1; action = action_sign * tanh(W @ state), W shared by all tasks
+    marker:      RGB of a square drawn where the positions (x1, x2) place it
+    action_sign: +1 or -1; action = action_sign * state / STATE_SCALE
     """
 
     name: str
@@ -50,6 +66,10 @@ class TaskSpec:
     action_sign: float
     state_dim: int = 4
     action_dim: int = 4
+
+    def __post_init__(self) -> None:
+        if self.state_dim != self.action_dim or self.state_dim % 2:
+            raise ValueError(f"{self.name}: state_dim and action_dim must be equal and even (positions + velocities)")
 
 
 TASK_A = TaskSpec(
@@ -76,28 +96,24 @@ class Episode:
 
 
 def generate_episode(spec: TaskSpec, seed: int, episode: int, frames: int, fps: int) -> Episode:
-    """One episode, a pure function of (spec, seed, episode index): slow sinusoidal states.
-
-    The states are slow (STATE_FREQ_HZ) so that an action chunk of about a second is nearly a
-    function of the current state, which the policy sees (prompt tokens and marker position): a tiny
-    model learns the task in a few hundred steps, which gives fine-tuning something to forget.
-    """
-    rng = np.random.default_rng([seed, episode])  # task-independent: A and B share states
-    amp = rng.uniform(0.5, 1.0, spec.state_dim)
-    freq = rng.uniform(*STATE_FREQ_HZ, spec.state_dim)
-    phase = rng.uniform(0.0, 2 * np.pi, spec.state_dim)
-    t = np.arange(frames)[:, None] / fps
-    states = (amp * np.sin(2 * np.pi * freq * t + phase)).astype(np.float32)
-
-    mixing = np.random.default_rng(MIXING_SEED).normal(size=(spec.action_dim, spec.state_dim))
-    mixing /= np.sqrt(spec.state_dim)
-    actions = (spec.action_sign * np.tanh(states @ mixing.T)).astype(np.float32)
+    """One episode, a pure function of (spec, seed, episode index); see the module docstring."""
+    pair, mirrored = divmod(episode, 2)
+    rng = np.random.default_rng([seed, pair])  # task-independent: A and B share states
+    oscillators = spec.state_dim // 2
+    radius = rng.uniform(*RADIUS_RANGE, oscillators)
+    phase = rng.uniform(0.0, 2 * np.pi, oscillators)
+    angle = 2 * np.pi * STATE_FREQ_HZ * np.arange(frames)[:, None] / fps + phase
+    unit = np.concatenate([radius * np.sin(angle), radius * np.cos(angle)], axis=1)  # (x, v) in [-1, 1]
+    if mirrored:
+        unit = -unit
+    states = (STATE_SCALE * unit).astype(np.float32)
+    actions = (spec.action_sign * unit).astype(np.float32)
 
     images = np.empty((frames, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     images[:] = np.asarray(spec.background, dtype=np.uint8)
     span = IMAGE_SIZE - MARKER_SIZE
-    rows = np.rint((states[:, 0] + 1) / 2 * span).astype(int).clip(0, span)
-    cols = np.rint((states[:, 1] + 1) / 2 * span).astype(int).clip(0, span)
+    rows = np.rint((unit[:, 0] + 1) / 2 * span).astype(int).clip(0, span)
+    cols = np.rint((unit[:, 1] + 1) / 2 * span).astype(int).clip(0, span)
     for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
         images[i, r : r + MARKER_SIZE, c : c + MARKER_SIZE] = spec.marker
     return Episode(images=images, states=states, actions=actions)
@@ -132,17 +148,20 @@ def make_dataset(
     frames: int = 30,
     fps: int = 10,
     camera: str = "front",
+    first_episode: int = 0,
 ) -> Path:
     """Write the LeRobot dataset of `spec` to `root` (must not exist) and return `root`.
 
-    Reload it with `LeRobotDataset(spec.name, root=root, delta_timestamps=...)`.
+    It holds the generator's episodes `first_episode .. first_episode + episodes - 1` (stored as
+    episodes 0..N-1): a later range gives held-out episodes of the same task. Reload it with
+    `LeRobotDataset(spec.name, root=root, delta_timestamps=...)`.
     """
     root = Path(root)
     dataset = LeRobotDataset.create(
         repo_id=spec.name, fps=fps, features=dataset_features(spec, camera), root=root, use_videos=False
     )
     image_key = f"observation.images.{camera}"
-    for e in range(episodes):
+    for e in range(first_episode, first_episode + episodes):
         ep = generate_episode(spec, seed, e, frames, fps)
         for i in range(frames):
             dataset.add_frame(

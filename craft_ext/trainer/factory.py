@@ -87,9 +87,11 @@ def build_processors(cfg: CraftTrainPipelineConfig, policy, dataset, device: tor
 
 
 def frames_per_step(cfg: CraftTrainPipelineConfig) -> int:
-    """Task frames one optimisation step consumes per process: --batch_size per micro-batch times
-    --craft.gradient_accumulation_steps (what the sampler position advances by per step)."""
-    return cfg.batch_size * cfg.craft.gradient_accumulation_steps
+    """Task frames one optimisation step consumes per process: --batch_size per micro-batch, less the
+    micro-batch's replay frames (--replay.fraction), times --craft.gradient_accumulation_steps (what the
+    sampler position advances by per step)."""
+    task_frames = cfg.batch_size - cfg.replay.frames_per_batch(cfg.batch_size)
+    return task_frames * cfg.craft.gradient_accumulation_steps
 
 
 def make_dataloader(cfg: CraftTrainPipelineConfig, dataset, policy, device: torch.device, step: int, num_processes: int):

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from lerobot.common.train_utils import load_training_step, should_save_checkpoint
 from lerobot.optim.factory import make_optimizer_and_scheduler
 from lerobot.utils.constants import TRAINING_STATE_DIR
+from lerobot.utils.collate import lerobot_collate_fn
 from lerobot.utils.random_utils import set_seed
 from lerobot.utils.utils import cycle, inside_slurm
 
@@ -51,6 +53,8 @@ from .factory import (
 from .metrics import MetricsLog, MetricsWindow, progress_postfix
 from .peft import check_constraint_can_act
 from .sharding import Parallelism, load_optimizer_state
+from .l2sp import L2SP
+from .replay import Replay, make_replay
 from .step import CraftStep, split_frames
 
 logger = logging.getLogger(__name__)
@@ -96,6 +100,7 @@ class Run:
     scheduler: Any
     loader: Any
     eval_loader: Any | None
+    replay: Replay | None  # --replay.*: old frames appended to every micro-batch
     engine: CraftStep
     parallel: Parallelism
     constraint: Constraint | None
@@ -177,6 +182,10 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
         max_norm=cfg.optimizer.grad_clip_norm if cfg.optimizer.grad_clip_norm > 0 else None,
         bucket_bytes=int(cfg.craft.bucket_mb * 2**20),
     )
+    if cfg.l2sp.strength > 0:
+        engine.l2sp = L2SP.for_run(engine.bufs, cfg.l2sp.strength, cfg.output_dir, resume=cfg.resume, is_main=accelerator.is_main_process)
+    collate = lerobot_collate_fn if dataset.meta.has_language_columns else default_collate
+    replay = make_replay(cfg, dataset, accelerator.process_index, collate)
     constraint = None
     if cache is not None:
         constraint = Constraint(
@@ -209,6 +218,7 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
         scheduler=scheduler,
         loader=loader,
         eval_loader=held_out_loader(cfg, eval_dataset, device),
+        replay=replay,
         engine=engine,
         parallel=parallel,
         constraint=constraint,
@@ -237,7 +247,10 @@ def run_loop(run: Run, *, probe: Probe | None = None, start: float | None = None
             t0 = time.perf_counter()
             lr = run.optimizer.param_groups[0]["lr"]
             micro = cfg.craft.gradient_accumulation_steps  # one loader batch of micro * --batch_size frames
-            batch = [run.preprocessor(images_to_float(part, camera_keys)) for part in split_frames(next(batches), micro)]
+            parts = split_frames(next(batches), micro)
+            if run.replay is not None:
+                parts = run.replay.mix(parts, step)
+            batch = [run.preprocessor(images_to_float(part, camera_keys)) for part in parts]
             anchors = _anchor_batches(constraint, step, micro)
             epsilon = constraint.epsilon(step) if constraint is not None else None
             output = run.engine.compute(batch, anchors, constraint.lam if constraint is not None else 0.0, epsilon=epsilon)

@@ -99,6 +99,8 @@ class CraftStep:
         # (`craft_ext.trainer.sharding`) are reduce-scattered by FSDP itself
         replicated = self.distributed and not self.bufs.task.sharded
         self.reducer = BucketReducer(self.bufs, bucket_bytes=bucket_bytes) if replicated else None
+        #: L2-SP (`craft_ext.trainer.l2sp`), set by the trainer when --l2sp.strength > 0: T += S (theta - theta_0)
+        self.l2sp = None
 
     def compute(
         self,
@@ -129,11 +131,13 @@ class CraftStep:
             loss_ret = self._backward(anchors, self._retention_loss, _rows, "retain")  # L_ret: a mean over rows
             self.bufs.use("task")
         retain = self.bufs.retain if loss_ret is not None else None
+        if self.reducer is not None:
+            self.reducer.wait()  # T and R are now sums over ranks of the shares: every rank holds the same G
+        if self.l2sp is not None:
+            self.l2sp.pull_()  # after the reduction: the penalty's gradient is added once, the same everywhere
         if not self.distributed:
             out = surgery_(self.bufs.task, retain, lam, loss_ret=loss_ret, epsilon=epsilon, **self.surgery_options)
             return StepOutput(loss_task, loss_ret, out)
-        if self.reducer is not None:
-            self.reducer.wait()  # T and R are now sums over ranks of the shares: every rank holds the same G
         local = torch.stack([loss_task] + ([loss_ret] if loss_ret is not None else []))
         out, losses = distributed_surgery_(self.bufs.task, retain, lam, local, epsilon=epsilon, **self.surgery_options)
         return StepOutput(losses[0], losses[1] if loss_ret is not None else None, out)
