@@ -38,7 +38,7 @@ class CraftConfig:
     # Micro-batches per optimisation step: N forward/backward passes of --batch_size frames (and, on
     # retention steps, of --craft.anchor_batch_size anchors), accumulated into the same gradient
     # buffers, then one surgery and one optimizer step: the step of --batch_size * N frames with the
-    # activation memory of --batch_size. Keep --craft.anchor_prefetch >= N so anchors never wait.
+    # activation memory of --batch_size. The anchor reader prefetches at least N batches.
     gradient_accumulation_steps: int = 1
     # Distance between student and cached teacher hidden states: normalized_mse (MSE / the teacher's
     # per-layer variance, so epsilon=0.05 means 5 percent of that variance), mse, or cosine.

@@ -189,10 +189,10 @@ def surgery_(
     (0/1: this step removed a component along R), ``alpha``, ``beta``, ``task_norm``, ``retain_norm``,
     ``grad_norm`` (|G| before clipping, from the stats) and ``found_inf`` (0/1: T or R had NaN/Inf; G is
     then all NaN, so skip the step). Sharded (FSDP2) buffers need
-    ``craft_ext.distributed.sharded_surgery_`` (the stats must be summed over ranks).
+    ``craft_ext.distributed.distributed_surgery_`` (the stats must be summed over ranks).
     """
     if isinstance(task, FlatGrads) and task.sharded:
-        raise ValueError("surgery_: these buffers hold FSDP2 shards; use craft_ext.distributed.sharded_surgery_")
+        raise ValueError("surgery_: these buffers hold FSDP2 shards; use craft_ext.distributed.distributed_surgery_")
     stats = surgery_stats(task, retain)
     if retain is None:
         _check_options(lam, tau, mode, project)

@@ -34,10 +34,15 @@ POLICY_TYPE = "pi0_fast"
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """Strip DDP / accelerate / FSDP-style wrappers that hold the real model in `.module`."""
-    while isinstance(getattr(module, "module", None), nn.Module):
-        module = module.module
-    return module
+    """Strip DDP / accelerate / FSDP-style wrappers that hold the real model in `.module`, and peft's
+    PeftModel (--peft.*), whose base model carries the injected adapters."""
+    while True:
+        if isinstance(getattr(module, "module", None), nn.Module):
+            module = module.module
+        elif callable(getattr(module, "get_base_model", None)):
+            module = module.get_base_model()
+        else:
+            return module
 
 
 class Pi0FastAdapter:
@@ -113,6 +118,11 @@ class Pi0FastAdapter:
             batch[ACTION_TOKEN_MASK],
         )
         return out["loss"]
+
+    def task_loss_weight(self, batch: dict[str, Any]) -> torch.Tensor:
+        """How many terms `task_loss` averages over (the batch's FAST target tokens), as a device
+        tensor: accumulated micro-batches are weighted by it, so they sum to the whole batch's loss."""
+        return batch[ACTION_TOKEN_MASK][:, 1:].sum()
 
     def anchor_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Cacheable model inputs of a preprocessed batch.

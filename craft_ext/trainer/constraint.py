@@ -14,19 +14,24 @@ class Constraint:
     """L_ret(theta) <= epsilon_t, enforced through lambda; one per CRaFT run (plain runs have none).
 
     Anchor batches come from the memory-mapped cache through a background prefetching reader, so the
-    step never waits on disk. Each process samples its own anchors (seed + rank); lambda is updated
-    from the retention loss averaged over processes, so it is the same everywhere.
+    step never waits on disk. With several processes every one draws the same global batches of
+    `anchor_batch_size * world` rows (one seed) and reads only its contiguous share of each
+    (`RankRows`): N processes see, step by step, the anchors of one process with N times the anchor
+    batch. lambda is updated from the global retention loss, so it is the same everywhere.
     """
 
-    def __init__(self, craft: CraftConfig, cache: AnchorCache, *, total_steps: int, seed: int, rank: int, device: torch.device):
+    def __init__(
+        self, craft: CraftConfig, cache: AnchorCache, *, total_steps: int, seed: int, rank: int, device: torch.device, world: int = 1
+    ):
         self.craft = craft
         self.decay_steps = craft.epsilon_decay_steps or total_steps
         self.multiplier = LagrangeMultiplier(
             craft.lambda_init, craft.lambda_lr, craft.lambda_max, craft.controller, kp=craft.pi_kp, ki=craft.pi_ki, ema=craft.pi_ema
         )
-        self.seed = (craft.anchor_seed if craft.anchor_seed is not None else seed) + rank
-        sampler = AnchorSampler(len(cache), craft.anchor_batch_size, self.seed)
-        self.anchors = AnchorLoader(cache, sampler, device=device, prefetch=craft.anchor_prefetch)
+        self.global_batch = craft.anchor_batch_size * world
+        sampler = AnchorSampler(len(cache), self.global_batch, craft.anchor_seed if craft.anchor_seed is not None else seed)
+        rows = cache if world == 1 else RankRows(cache, rank, craft.anchor_batch_size)
+        self.anchors = AnchorLoader(rows, sampler, device=device, prefetch=max(craft.anchor_prefetch, craft.gradient_accumulation_steps))
 
     @property
     def lam(self) -> float:
@@ -49,5 +54,19 @@ class Constraint:
 
     def load_from(self, state: CraftState) -> None:
         self.multiplier.load_state_dict(state.multiplier)
-        # the checkpoint holds rank 0's sampler position; every rank keeps its own seed
-        self.anchors.load_state_dict({**state.anchor_sampler, "seed": self.seed})
+        # the global sampler's position (the same on every rank), continued with this run's global batch
+        self.anchors.load_state_dict({**state.anchor_sampler, "batch_size": self.global_batch})
+
+
+class RankRows:
+    """The anchor cache as one of several processes reads it: of each global batch of rows, only
+    this rank's contiguous share of `per_rank` rows is gathered."""
+
+    def __init__(self, cache: AnchorCache, rank: int, per_rank: int):
+        self.cache, self.rank, self.per_rank = cache, rank, per_rank
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def gather(self, rows) -> AnchorBatch:
+        return self.cache.gather(list(rows)[self.rank * self.per_rank : (self.rank + 1) * self.per_rank])

@@ -358,8 +358,9 @@ def held_out_loss(run: Run) -> float:
 def _step_values(host: dict[str, float], applied: bool, lr: float, seconds: float, constraint, epsilon) -> dict[str, float]:
     """One step's metrics: a skipped step contributes only its skip (its losses are NaN)."""
     values = {k: v for k, v in host.items() if k != "found_inf"} if applied else {}
-    if "conflict" in values:
-        values["conflict_rate"] = values.pop("conflict")
+    for flag in ("conflict", "projected"):  # 0/1 per step: their window means are rates
+        if flag in values:
+            values[f"{flag}_rate"] = values.pop(flag)
     values.update(skip_rate=float(not applied), lr=lr, step_s=seconds)
     if constraint is not None:
         values.update({"lambda": constraint.lam, "epsilon": epsilon})
