@@ -1,0 +1,76 @@
+"""benchmarks/memory.py and benchmarks/train_step.py run end to end at toy size and report what
+benchmarks/RESULTS.md relies on (no timing assertions: the numbers themselves are the benchmarks')."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+GIB = 2**30
+
+
+def _run(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def memory_report(tmp_path_factory) -> dict:
+    return _run("memory.py", tmp_path_factory.mktemp("memory"), "--model", "tiny", "--runs", "plain,craft",
+                "--batch_size", "2", "--anchor_batch_size", "2", "--shards", "2")
+
+
+def test_memory_counts_the_buffers_the_step_allocates(memory_report):
+    config = memory_report["config"]
+    rows = {r["name"]: r for r in memory_report["runs"]}
+    assert set(rows) == {"plain", "craft"}
+    grad_bytes = config["trainable_elements"] * config["bytes_per_trainable_element"]
+    assert config["bytes_per_trainable_element"] == 4  # float32
+    for row in rows.values():
+        assert math.isclose(row["grad_buffer_gib"] * GIB, grad_bytes)
+        assert math.isclose(row["task_grad_gib"], row["grad_buffer_gib"])  # T is allocated once, up front
+        # AdamW keeps exp_avg and exp_avg_sq (parameter-sized) plus a scalar step per parameter
+        assert 2 * row["grad_buffer_gib"] <= row["optimizer_gib"] < 2.01 * row["grad_buffer_gib"] + 1e-4
+        assert row["parameters_gib"] * GIB >= config["parameters"] * 4
+        assert row["peak_gib"] == pytest.approx(sum(row[f"{c}_gib"] for c in (
+            "parameters", "task_grad", "retain_grad", "optimizer", "inputs", "activations", "temporaries")))
+        assert row["activations_gib"] >= 0 and row["temporaries_gib"] >= 0
+        assert row["sharded_peak_gib"]["2"] < row["peak_gib"]  # --shards 2 divides the model-sized state
+    plain, craft = rows["plain"], rows["craft"]
+    assert plain["retain_grad_gib"] == 0  # a plain run holds no R
+    assert math.isclose(craft["retain_grad_gib"], craft["grad_buffer_gib"])
+    assert craft["peak_gib"] - plain["peak_gib"] >= craft["grad_buffer_gib"]
+    # the task pass's graph is gone before the anchor forward starts
+    assert craft["transient_before_anchor_forward_gib"] < 0.05 * craft["task_pass_transient_peak_gib"]
+    assert craft["anchor_pass_transient_peak_gib"] > 0
+    # one host sync per step, StepOutput.read() (pooled mode may add its own: issue "host syncs at size")
+    assert plain["host_reads_per_step"] == {"host_sync": 1}
+    assert craft["host_reads_per_step"]["host_sync"] == 1
+    assert set(memory_report["targets"]) == {"craft_extra_peak_ok", "craft_anchor_pass_ok"}
+
+
+def test_train_step_reports_the_breakdown(tmp_path):
+    report = _run("train_step.py", tmp_path, "--model", "tiny", "--warmup", "1", "--steps", "2")
+    for key in ("plain_step_s", "craft_step_s", "craft_k5_step_s", "anchor_fwd_bwd_s", "anchor_wait_s", "surgery_s",
+                "task_fwd_bwd_s", "optimizer_s", "host_sync_s", "overhead_fraction", "overhead_fraction_k5"):
+        assert math.isfinite(report[key]), key
+    rows = {r["name"]: r for r in report["runs"]}
+    assert set(rows) == {"plain", "craft_k1", "craft_k5"}
+    assert len(rows["plain"]["steps_s"]) == len(rows["craft_k1"]["steps_s"]) == 2  # after the warm-up pair
+    assert rows["plain"]["breakdown_s"]["anchor_fwd_bwd"] == 0  # a task-only step has no anchor pass
+    assert rows["craft_k1"]["breakdown_s"]["anchor_fwd_bwd"] > 0
+    plain, k1, k5 = (rows[n]["step_s"] for n in ("plain", "craft_k1", "craft_k5"))
+    assert k5 == pytest.approx((k1 + 4 * plain) / 5)  # one retention step in five
+    expected = (k1 - plain - report["anchor_fwd_bwd_s"] - report["anchor_wait_s"]) / k1
+    assert report["overhead_fraction"] == pytest.approx(expected)
+    assert all(v >= 0 for r in rows.values() for v in r["breakdown_s"].values())
+    assert all(math.isfinite(rows[n]["final_loss_task"]) for n in ("plain", "craft_k1"))
