@@ -15,6 +15,7 @@ import pytest
 import craft_ext
 from craft_ext.anchors import AnchorCache, read_manifest
 from craft_ext.anchors.manifest import MANIFEST_NAME
+from craft_ext.offline_kit.build import KitSettings
 
 needs_kernels = pytest.mark.skipif(not craft_ext.extension_available(), reason="compiled extension not built")
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +84,9 @@ def test_cli_builds_a_checked_cache_in_a_subprocess(cli_cache):
     assert (hidden.pooling, hidden.dtype, hidden.layers_requested) == ("tokens", "float16", [-1])
     assert hidden.layers == [manifest.settings.teacher.identity["num_layers"] - 1]
     assert manifest.settings.source.repo_id == "task_a" and len(manifest.settings.source.frame_indices) == 12
-    episodes = {f // 30 for f in manifest.settings.source.frame_indices}  # the kit: 8 episodes x 30 frames
-    assert len(episodes) == 8, "anchors must be spread over the episodes"
+    kit = KitSettings()  # the kit's task_a: kit.episodes episodes of kit.frames frames each
+    episodes = {f // kit.frames for f in manifest.settings.source.frame_indices}
+    assert len(episodes) == min(12, kit.episodes), "anchors must be spread over the episodes"
     AnchorCache(cli_cache).verify()
 
 
@@ -110,7 +112,7 @@ def test_rerun_is_a_noop_and_other_settings_need_overwrite(kit, cli_cache, tmp_p
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--num_anchors=100000"], "num_anchors must be between 1 and the dataset's 240 frames"),
+        (["--num_anchors=100000"], f"num_anchors must be between 1 and the dataset's {KitSettings().episodes * KitSettings().frames} frames"),
         (["--layers=5"], "--layers=5: layer index 5 is out of range"),
         (["--layers=-3"], "layer index -3 is out of range"),
         (["--layers=a,b"], "--layers must be comma-separated integers"),

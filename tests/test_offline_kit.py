@@ -340,11 +340,16 @@ def test_production_code_does_not_import_the_offline_kit():
 
 
 def test_saved_preprocessor_normalises_with_task_a_stats(offline_kit_dir):
+    """The kit's policy was trained on task A: its saved preprocessor normalises actions with A's
+    statistics and hands the raw state to the prompt (the kit maps STATE to IDENTITY)."""
+    from lerobot.processor.normalize_processor import NormalizerProcessorStep
+
     kit = KitLayout.at(offline_kit_dir)
     dataset = LeRobotDataset("task_a", root=kit.datasets["task_a"])
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     pre, _ = load_processors(kit.policy)
-    stats = dataset.meta.stats["observation.state"]
-    mean, std = (torch.as_tensor(stats[k], dtype=torch.float32) for k in ("mean", "std"))
-    expected = (batch["observation.state"] - mean) / (std + 1e-8)
-    torch.testing.assert_close(pre(batch)["observation.state"], expected)
+    torch.testing.assert_close(pre(batch)["observation.state"], batch["observation.state"])
+    (normalizer,) = [step for step in pre.steps if isinstance(step, NormalizerProcessorStep)]
+    for key in ("mean", "std"):
+        saved = torch.as_tensor(normalizer.stats["action"][key], dtype=torch.float32)
+        torch.testing.assert_close(saved, torch.as_tensor(dataset.meta.stats["action"][key], dtype=torch.float32))
