@@ -58,7 +58,8 @@ DEMO_CACHE_DTYPE = "float32"  # exact teacher states: the toy model's retention 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and hyper-parameters of the demo (defaults measured to run in ~3 minutes on 2 CPU cores)."""
+    """Sizes and hyper-parameters of the demo (defaults: about 70 s on 2 CPU cores, measured; a busy machine
+    takes up to twice as long)."""
 
     output_dir: Path | None = None  # default: outputs/craft_demo/<date>/<time>
     seed: int = 0

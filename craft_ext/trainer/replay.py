@@ -86,6 +86,8 @@ def make_replay(cfg: CraftTrainPipelineConfig, dataset, rank: int, collate) -> R
     replay = cfg.replay
     if not replay.enabled:
         return None
+    if cfg.dataset.streaming:
+        raise ValueError("--replay.* needs a map-style task dataset: drop --dataset.streaming=true")
     if replay.frames_from_cache is not None:
         try:
             source = AnchorCache(replay.frames_from_cache).manifest.settings.source
