@@ -262,7 +262,7 @@ def _scenario_replicas(rank):
 
 def _worker(rank, port, out_dir):
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=300)
     )
     torch.set_num_threads(1)
     results = {}
