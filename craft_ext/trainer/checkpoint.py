@@ -85,18 +85,23 @@ def save_training_checkpoint(output_dir: Path, step: int, total_steps: int, stat
     return final
 
 
-def load_training_checkpoint(checkpoint_dir: Path, optimizer, scheduler, *, load_optimizer: bool = True) -> tuple[int, CraftState]:
+def load_training_checkpoint(
+    checkpoint_dir: Path, optimizer, scheduler, *, load_optimizer: bool = True, point_last: bool = True
+) -> tuple[int, CraftState]:
     """Restore optimizer, scheduler and RNG (lerobot's loader); return (step, CRaFT state).
     `load_optimizer=False` leaves the optimizer to the caller (a sharded one loads its shards:
     `craft_ext.trainer.sharding.load_optimizer_state`).
 
     `last` is pointed at the resumed checkpoint: later checkpoints of an abandoned continuation may be
-    overwritten by this run, and `last` must never point at one while it is being replaced.
+    overwritten by this run, and `last` must never point at one while it is being replaced. Only the
+    process that writes checkpoints may move it (`point_last`): several processes swapping the same
+    link race on its temporary name.
     """
     checkpoint_dir = checkpoint_dir.resolve()
     state = CraftState.read(checkpoint_dir)  # first, so a foreign checkpoint fails before anything changes
     step, _, _ = load_training_state(checkpoint_dir, optimizer, scheduler, load_optimizer=load_optimizer)
-    _point_last_at(checkpoint_dir)
+    if point_last:
+        _point_last_at(checkpoint_dir)
     return step, state
 
 

@@ -155,7 +155,10 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
 
     step, state = 0, CraftState(enabled=cfg.craft.enable)
     if cfg.resume:
-        step, state = load_training_checkpoint(cfg.checkpoint_path, optimizer, scheduler, load_optimizer=not parallel.sharded)
+        step, state = load_training_checkpoint(
+            cfg.checkpoint_path, optimizer, scheduler, load_optimizer=not parallel.sharded,
+            point_last=accelerator.is_main_process,
+        )
         if parallel.sharded:
             load_optimizer_state(optimizer, cfg.checkpoint_path)
         if state.enabled != cfg.craft.enable:
