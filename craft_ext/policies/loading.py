@@ -3,14 +3,14 @@
 A checkpoint directory is a lerobot "pretrained_model" dir (config.json, model.safetensors,
 policy_preprocessor.json, policy_postprocessor.json, ...). The "type" in its config.json picks the
 config and policy classes from lerobot's registry, exactly as lerobot's own factories do; craft_ext's
-toy-size pi0-fast, "pi0_fast_tiny" (craft_ext.policies.pi0_fast_tiny), is registered on import of
-craft_ext.policies like any lerobot policy plugin.
+toy-size types ("pi0_fast_tiny", "pi0_tiny", "pi05_tiny": craft_ext.policies.tiny_paligemma) are
+registered on import of craft_ext.policies like any lerobot policy plugin.
 
 lerobot quirks handled here:
   * `ActionTokenizerProcessorStep.get_config` does not save `paligemma_tokenizer_name` or
     `fast_skip_tokens`: a reloaded pi0-fast preprocessor falls back to the hub tokenizer
     "google/paligemma-3b-pt-224" (fails offline) and skip 128. `preprocessor_overrides` restores
-    them from the policy config (and, for pi0_fast_tiny, hands over the checkpoint's own tokenizers).
+    them from the policy config (and, for the tiny types, hands over the checkpoint's own tokenizers).
   * `PI0FastPolicy.from_pretrained` catches every weight-loading error, prints a warning and returns
     the randomly initialised model. `load_policy` checks the weights against the file and raises.
 """
@@ -28,8 +28,7 @@ from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 
-from craft_ext.policies.pi0_fast_tiny.configuration_pi0_fast_tiny import PI0FastTinyConfig
-from craft_ext.policies.pi0_fast_tiny.processor_pi0_fast_tiny import reload_overrides
+from craft_ext.policies.tiny_paligemma import BundledTokenizersConfig
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -71,9 +70,9 @@ def preprocessor_overrides(config: PreTrainedConfig) -> dict[str, dict[str, Any]
     """Overrides a saved preprocessor of `config`'s policy type needs to reload offline.
 
     `config` must know where it was loaded from (`pretrained_path`, as lerobot and `load_policy` set
-    it) when it is a pi0_fast_tiny config: its tokenizers are in that directory."""
-    if isinstance(config, PI0FastTinyConfig):
-        return reload_overrides(config)
+    it) when it is a tiny type's config: its tokenizers are in that directory."""
+    if isinstance(config, BundledTokenizersConfig):
+        return config.reload_overrides()
     if not isinstance(config, PI0FastConfig):
         return {}
     return {

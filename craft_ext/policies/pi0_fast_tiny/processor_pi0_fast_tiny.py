@@ -2,7 +2,7 @@
 
 lerobot's tokenizer steps save the name they loaded their tokenizer from; here the steps hold their
 tokenizers as objects instead, so a saved pipeline names no tokenizer at all: the policy's config.json
-is the one place that does. Reloading a saved pipeline therefore needs `reload_overrides(config)`
+is the one place that does. Reloading a saved pipeline therefore needs `PI0FastTinyConfig.reload_overrides()`
 (craft_ext.policies.loading.preprocessor_overrides passes them), as every pi0-fast pipeline does
 offline anyway.
 """
@@ -10,13 +10,11 @@ offline anyway.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 
 from lerobot.policies.pi0_fast.processor_pi0_fast import make_pi0_fast_pre_post_processors
 from lerobot.processor import ActionTokenizerProcessorStep, TokenizerProcessorStep
-from transformers import AutoProcessor, AutoTokenizer
 
 from craft_ext.policies.pi0_fast_tiny.configuration_pi0_fast_tiny import PI0FastTinyConfig
 
@@ -37,18 +35,3 @@ def make_pi0_fast_tiny_pre_post_processors(
             step.action_tokenizer_input_object = step.action_tokenizer
     return preprocessor, postprocessor
 
-
-def reload_overrides(config: PI0FastTinyConfig) -> dict[str, dict[str, Any]]:
-    """`preprocessor_overrides` that reload a saved pi0_fast_tiny preprocessor with the checkpoint's
-    own tokenizers (as objects, so that saving the pipeline again records no path either)."""
-    text = config.tokenizer_dir(config.text_tokenizer_name)
-    return {
-        "tokenizer_processor": {"tokenizer": AutoTokenizer.from_pretrained(text)},
-        "action_tokenizer_processor": {
-            "action_tokenizer_input_object": AutoProcessor.from_pretrained(
-                config.tokenizer_dir(config.action_tokenizer_name), trust_remote_code=True
-            ),
-            "paligemma_tokenizer_name": text,
-            "fast_skip_tokens": config.fast_skip_tokens,
-        },
-    }

@@ -1,0 +1,40 @@
+"""PI0TinyConfig: pi0's config plus the sizes lerobot hard-codes, and self-contained saves.
+
+A saved pi0_tiny checkpoint holds its text tokenizer next to config.json, in `tokenizers/text` (copied
+there on save), and config.json names it by that relative path, resolved against `pretrained_path`
+(craft_ext.policies.tiny_paligemma.BundledTokenizersConfig): a checkpoint loads offline from wherever
+it was moved to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lerobot.configs import PreTrainedConfig
+from lerobot.policies.pi0.configuration_pi0 import PI0Config
+
+from craft_ext.policies.tiny_paligemma import BundledTokenizersConfig, FlowSizes
+
+POLICY_TYPE = "pi0_tiny"
+
+#: where a saved checkpoint keeps each tokenizer, relative to its directory
+BUNDLED_TOKENIZERS = {"text_tokenizer_name": "tokenizers/text"}
+
+
+@PreTrainedConfig.register_subclass(POLICY_TYPE)
+@dataclass
+class PI0TinyConfig(BundledTokenizersConfig, FlowSizes, PI0Config):
+    """pi0 at the FlowSizes fields' sizes (defaults: ~0.2M parameters with a 500-token vocabulary).
+    `paligemma_variant` and `action_expert_variant` are ignored. lerobot's pi0 tokenizes the
+    prompt with PaliGemma's tokenizer but never names it in its config; this type does
+    (`text_tokenizer_name`), since the checkpoint carries it and the vocabulary size is its
+    length."""
+
+    bundled_tokenizers: ClassVar[dict[str, str]] = BUNDLED_TOKENIZERS
+
+    text_tokenizer_name: str = BUNDLED_TOKENIZERS["text_tokenizer_name"]
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_sizes(POLICY_TYPE)
