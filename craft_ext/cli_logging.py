@@ -22,9 +22,11 @@ import warnings
 
 logger = logging.getLogger(__name__)
 
-#: what lerobot's pi0-fast `from_pretrained` prints on every successful load
+#: what the `from_pretrained` of lerobot's pi0-fast, pi0 and pi0.5 print on every successful load
 _LOAD_BANNER = (
     "The PI0Fast model is a direct port of the OpenPI implementation.",
+    "The PI0 model is a direct port of the OpenPI implementation.",
+    "The PI05 model is a direct port of the OpenPI implementation.",
     "This implementation follows the original OpenPI structure for compatibility.",
     "Original implementation: https://github.com/Physical-Intelligence/openpi",
     "Loading model from: ",
@@ -78,7 +80,7 @@ class PolicyLoadError(ValueError):
 
 @contextlib.contextmanager
 def quiet_policy_load():
-    """Around a lerobot policy load: drop pi0-fast's banner prints and patch-embedding warnings.
+    """Around a lerobot policy load: drop the pi0 family's banner prints and patch-embedding warnings.
 
     Anything else it prints comes out as one warning (missing or unexpected keys), and a load whose
     weights failed ("Could not load state dict", after which pi0-fast returns a randomly initialised

@@ -3,14 +3,15 @@
 Offline, on the offline kit, in a few minutes on 2 CPU cores:
   1. two synthetic tasks that conflict: for the same state, task B's action is task A's negated, and only
      the prompt and the image colours tell them apart (craft_ext.offline_kit.datasets);
-  2. a tiny pi0-fast trained on A, and an anchor cache of its hidden states on A's frames (built with
+  2. a tiny policy (pi0-fast by default; --policy_type pi0 or pi05) trained on A, and an anchor cache of its hidden states on A's frames (built with
      the cache CLI's own `build`);
   3. fine-tuning on B twice from that model with the same seed, data order and steps: plain
      (`--craft.enable=false`) and CRaFT, both through `craft_ext.trainer.train`;
   4. task-A and task-B losses along the way, a table on stdout, report.json and report.png in the
      output directory.
 
-What "task-A loss" measures: the action-token cross-entropy on held-out episodes of A, which neither the
+What "task-A loss" measures: the policy's task loss (pi0-fast: action-token cross-entropy; pi0, pi0.5:
+flow-matching MSE at seeded noise and times) on held-out episodes of A, which neither the
 A-trained model nor CRaFT's anchors ever saw. The tiny model learns A's rule (the action chunk is a smooth
 function of the state it reads from the prompt), so its loss there is close to its loss on A's training
 frames: what fine-tuning on B can make it forget is a skill, not a set of memorised frames. A second
@@ -19,6 +20,7 @@ of B.
 
     python -m craft_ext.train                       # all defaults, output in outputs/craft_demo/<time>
     python -m craft_ext.demo --output_dir DIR --steps 300
+    python -m craft_ext.demo --policy_type pi05     # the same with a tiny pi0.5 (pi0: --policy_type pi0)
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from .anchors.reader import AnchorCache
 from .build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
 from .cli_logging import quiet_policy_load, setup_cli_logging
 from .config import CraftConfig
-from .measures import EvalSet, action_token_ce, load_eval_set, retention_on_cache
-from .offline_kit.build import KitLayout, KitSettings, build_kit
+from .measures import EvalSet, mean_task_loss, load_eval_set, retention_on_cache
+from .offline_kit.build import KIT_POLICY_TYPES, KitLayout, KitSettings, build_kit
 from .offline_kit.datasets import TASK_A, TASK_B
 from .policies.loading import load_policy, load_processors
 from .report import demo_table, plot_demo
@@ -62,8 +64,9 @@ class DemoSettings:
     takes up to twice as long)."""
 
     output_dir: Path | None = None  # default: outputs/craft_demo/<date>/<time>
+    policy_type: str = "pi0_fast"  # the kit policy's lerobot policy: pi0_fast, pi0 or pi05
     seed: int = 0
-    kit_train_steps: int = 500  # training of the tiny pi0-fast on task A
+    kit_train_steps: int = 500  # training of the tiny policy on task A
     steps: int = 300  # fine-tuning steps on task B, per run
     batch_size: int = 8
     lr: float = 1e-3
@@ -97,8 +100,9 @@ def prepare(out: Path, settings: DemoSettings, log=print, kit_dir: Path | None =
     if (kit.policy / "config.json").is_file():
         log(f"[demo] 1/4 offline kit: reusing {kit.root}")
     else:
-        log("[demo] 1/4 offline kit: tasks A and B, tiny pi0-fast trained on A")
-        kit = build_kit(out / "kit", KitSettings(seed=settings.seed, train_steps=settings.kit_train_steps), log=_log)
+        log(f"[demo] 1/4 offline kit: tasks A and B, tiny {settings.policy_type} trained on A")
+        kit_settings = KitSettings(policy_type=settings.policy_type, seed=settings.seed, train_steps=settings.kit_train_steps)
+        kit = build_kit(out / "kit", kit_settings, log=_log)
     log("[demo] 2/4 anchor cache of the A-trained model on task A")
     cache_dir = build(
         BuildAnchorCacheConfig(
@@ -115,7 +119,7 @@ def prepare(out: Path, settings: DemoSettings, log=print, kit_dir: Path | None =
     sets = eval_sets(kit, cache.manifest.settings.source.frame_indices, frames=settings.eval_frames, seed=settings.seed)
     with quiet_policy_load():
         base = load_policy(kit.policy)
-    return Bench(kit, Path(cache_dir), cache, sets, {name: action_token_ce(base, e) for name, e in sets.items()})
+    return Bench(kit, Path(cache_dir), cache, sets, {name: mean_task_loss(base, e) for name, e in sets.items()})
 
 
 def fine_tune(bench: Bench, config: CraftTrainPipelineConfig, *, probe: bool = True) -> dict:
@@ -127,7 +131,7 @@ def fine_tune(bench: Bench, config: CraftTrainPipelineConfig, *, probe: bool = T
     run = {}
     for name, eval_set in bench.eval_sets.items():
         run[f"{name}_loss_before"] = bench.before[name]
-        run[f"{name}_loss_after"] = action_token_ce(policy, eval_set)
+        run[f"{name}_loss_after"] = mean_task_loss(policy, eval_set)
     return {
         **run,
         "retention_loss_after": retention_on_cache(policy, bench.cache),
@@ -217,7 +221,7 @@ def eval_sets(kit: KitLayout, anchor_frames: list[int], *, frames: int, seed: in
 
 def _probe(eval_sets: dict[str, EvalSet]):
     def probe(step: int, policy: torch.nn.Module) -> dict[str, float]:
-        return {f"{name}_loss": action_token_ce(policy, e) for name, e in eval_sets.items()}
+        return {f"{name}_loss": mean_task_loss(policy, e) for name, e in eval_sets.items()}
 
     return probe
 
@@ -265,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m craft_ext.demo", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(DemoSettings):
         kind = Path if f.name == "output_dir" else type(getattr(defaults, f.name))
-        parser.add_argument(f"--{f.name}", type=kind, default=getattr(defaults, f.name))
+        choices = list(KIT_POLICY_TYPES) if f.name == "policy_type" else None
+        parser.add_argument(f"--{f.name}", type=kind, default=getattr(defaults, f.name), choices=choices)
     args = parser.parse_args(argv)
     setup_cli_logging()
     torch.set_num_threads(1)  # the toy model's matmuls are too small to gain from threads; 2 cores thrash

@@ -6,8 +6,8 @@
         --datasets='{USER/old_task: null, USER/new_task: /data/new_task}' \\
         --old_tasks='[USER/old_task]' --anchor_cache=anchors/base --output_dir=outputs/eval
 
-For every model (the base first) and dataset: the action-token cross-entropy on up to --max_frames
-frames, and the MSE of decoded action chunks against the dataset's (normalised units; frames whose
+For every model (the base first) and dataset: the task loss (pi0-fast: action-token cross-entropy;
+pi0, pi0.5: flow-matching MSE at seeded noise and times) on up to --max_frames frames, and the MSE of decoded action chunks against the dataset's (normalised units; frames whose
 tokens do not decode are counted, not scored). With --anchor_cache, the retention loss against the
 cached teacher. Relative to --base: per-dataset forgetting (loss - base loss; > 0 means worse) and
 backward transfer (the mean of base loss - loss over --old_tasks, by default every dataset; < 0 means
@@ -36,7 +36,7 @@ from .anchors.manifest import AnchorCacheError
 from .anchors.reader import AnchorCache
 from .anchors.validate import check_compatible
 from .data import dataset_errors, require_dataset_root
-from .measures import action_token_ce, decoded_action_mse, finite_or_none, load_eval_set, retention_on_cache
+from .measures import mean_task_loss, decoded_action_mse, finite_or_none, load_eval_set, retention_on_cache
 from .policies import make_adapter
 from .policies.loading import load_policy, load_processors
 from .report import eval_table, plot_eval
@@ -102,13 +102,13 @@ def evaluate(cfg: EvalConfig) -> dict:
                 repo_id, repo_id, root, policy.config, preprocessor,
                 max_frames=cfg.max_frames, batch_size=cfg.batch_size, seed=cfg.seed,
             )  # fmt: skip
-            scores = {"frames": frames.frames, "ce": action_token_ce(policy, frames)}
+            scores = {"frames": frames.frames, "task_loss": mean_task_loss(policy, frames, cfg.seed)}
             if cfg.decode_frames > 0:
                 subset = load_eval_set(
                     repo_id, repo_id, root, policy.config, preprocessor,
                     max_frames=cfg.decode_frames, batch_size=cfg.batch_size, seed=cfg.seed,
                 )  # fmt: skip
-                mse, decoded = decoded_action_mse(policy, subset)
+                mse, decoded = decoded_action_mse(policy, subset, cfg.seed)
                 scores.update(action_mse=finite_or_none(mse), decoded=decoded, decode_frames=subset.frames)
             entry["datasets"][repo_id] = scores
         if cache is not None:
@@ -166,7 +166,7 @@ def _add_forgetting(results: dict, base_label: str, old_tasks: list[str]) -> Non
         if label == base_label:
             continue
         for repo_id, scores in entry["datasets"].items():
-            scores["forgetting"] = scores["ce"] - base[repo_id]["ce"]
+            scores["forgetting"] = scores["task_loss"] - base[repo_id]["task_loss"]
         if old_tasks:
             entry["backward_transfer"] = -sum(entry["datasets"][d]["forgetting"] for d in old_tasks) / len(old_tasks)
 

@@ -2,7 +2,8 @@
 
 Shared by `python -m craft_ext.eval` and the embedded demo, so both report the same numbers
 (docs/architecture.md, "Measuring").
-  action_token_ce       pi0-fast's training loss (next FAST-token cross-entropy), mean over frames
+  mean_task_loss        the policy's training loss, mean over frames (pi0-fast: next FAST-token
+                        cross-entropy; pi0, pi0.5: flow-matching MSE at seeded noise and times)
   decoded_action_mse    MSE between decoded action chunks and the dataset's, in normalised units
   retention_on_cache    mean retention distance of a policy's hidden states from the cached teacher's
 """
@@ -75,19 +76,23 @@ def load_eval_set(
 
 
 @torch.no_grad()
-def action_token_ce(policy: torch.nn.Module, eval_set: EvalSet) -> float:
-    """Mean over frames of the policy's action-token cross-entropy (batch means weighted by size)."""
+def mean_task_loss(policy: torch.nn.Module, eval_set: EvalSet, seed: int = 0) -> float:
+    """Mean over frames of the policy's task loss (batch means weighted by size).
+
+    Flow-matching losses draw noise and times: they are drawn from `seed` (the caller's random state
+    is left as it was), so every model is scored at the same noise and times on the same frames."""
     adapter = make_adapter(policy)
     total = torch.zeros((), dtype=torch.float64)
-    with eval_mode(policy):
+    with eval_mode(policy), _seeded(policy, seed):
         for batch in eval_set.batches:
             total += adapter.task_loss(batch).double().cpu() * len(batch[ACTION])
     return total.item() / eval_set.frames
 
 
 @torch.no_grad()
-def decoded_action_mse(policy: torch.nn.Module, eval_set: EvalSet) -> tuple[float | None, int]:
+def decoded_action_mse(policy: torch.nn.Module, eval_set: EvalSet, seed: int = 0) -> tuple[float | None, int]:
     """(MSE of decoded vs true normalised action chunks over the frames that decoded, frames decoded).
+    pi0 and pi0.5 integrate from noise: drawn from `seed` for every batch, as in `mean_task_loss`.
 
     lerobot's decoder asserts the "Action:" prefix per batch and replaces an undecodable sequence by
     zeros (with a warning); such frames count as not decoded. MSE is None when nothing decoded.
@@ -95,7 +100,7 @@ def decoded_action_mse(policy: torch.nn.Module, eval_set: EvalSet) -> tuple[floa
     sq_sum, decoded = 0.0, 0
     for batch in eval_set.batches:
         try:
-            with eval_mode(policy):
+            with eval_mode(policy), _seeded(policy, seed):
                 pred = policy.predict_action_chunk(batch)
         except AssertionError as exc:  # the "Action:" prefix check of a whole batch
             logger.warning("decoding failed for a batch of %s: %s", eval_set.name, exc)
@@ -121,6 +126,15 @@ def retention_on_cache(
             batch = cache.gather(range(start, min(start + batch_size, rows))).to(device)
             total += retention_per_row(adapter, batch, cache.manifest, distance=distance).double().sum().item()
     return total / rows
+
+
+@contextlib.contextmanager
+def _seeded(policy: torch.nn.Module, seed: int):
+    """Draw random numbers from `seed` inside the block; the caller's generator state is restored."""
+    device = next(policy.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ def plot_demo(metrics: dict[str, list[dict]], before: dict[str, float], path: Pa
         for ax, key in zip(axes[:2], ("task_a", "task_b"), strict=True):
             ax.plot(steps, [before[key]] + [r[f"{key}_loss"] for r in held], marker=".", label=RUN_LABELS.get(name, name))
     for ax, title in zip(axes[:2], ("task A (held-out episodes): forgetting", "task B (held-out episodes): learning"), strict=True):
-        ax.set(title=title, xlabel="fine-tuning step on task B", ylabel="action-token cross-entropy")
+        ax.set(title=title, xlabel="fine-tuning step on task B", ylabel="task loss")
         ax.legend()
         ax.grid(alpha=0.3)
 
@@ -70,14 +70,14 @@ def eval_table(report: dict[str, Any]) -> str:
     models = report["models"]
     has_retention = any("retention_loss" in m for m in models.values())
     has_bwt = any("backward_transfer" in m for m in models.values())
-    header = ["model"] + [f"{d}: CE (vs base)" for d in datasets] + [f"{d}: action MSE (decoded)" for d in datasets]
+    header = ["model"] + [f"{d}: task loss (vs base)" for d in datasets] + [f"{d}: action MSE (decoded)" for d in datasets]
     header += ["retention loss"] * has_retention + ["backward transfer"] * has_bwt
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, model in models.items():
         cells = [label]
         for d in datasets:
             s = model["datasets"][d]
-            cells.append(f"{s['ce']:.3f}" + (f" ({s['forgetting']:+.3f})" if "forgetting" in s else ""))
+            cells.append(f"{s['task_loss']:.3f}" + (f" ({s['forgetting']:+.3f})" if "forgetting" in s else ""))
         for d in datasets:
             s = model["datasets"][d]
             if "decoded" not in s:
@@ -94,7 +94,7 @@ def eval_table(report: dict[str, Any]) -> str:
 
 
 def plot_eval(report: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: action-token cross-entropy per dataset for every model; retention loss per model."""
+    """Grouped bars: task loss per dataset for every model; retention loss per model."""
     datasets = list(report["datasets"])
     models = report["models"]
     with_retention = [label for label, m in models.items() if "retention_loss" in m]
@@ -106,9 +106,9 @@ def plot_eval(report: dict[str, Any], path: Path) -> Path:
         width = 0.8 / len(models)
         for i, (label, model) in enumerate(models.items()):
             xs = [j + i * width for j in range(len(datasets))]
-            ax.bar(xs, [model["datasets"][d]["ce"] for d in datasets], width=width, label=label)
+            ax.bar(xs, [model["datasets"][d]["task_loss"] for d in datasets], width=width, label=label)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))], datasets)
-        ax.set(title="held-out task loss", ylabel="action-token cross-entropy")
+        ax.set(title="held-out task loss", ylabel="task loss")
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
     if with_retention:

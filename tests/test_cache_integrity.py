@@ -293,7 +293,7 @@ def rescale_fast(fast_dir: Path) -> None:
 def test_tokenizer_hash_is_content_only(kit, tmp_path):
     from transformers import AutoTokenizer
 
-    from craft_ext.policies.pi0fast import text_tokenizer_sha256
+    from craft_ext.policies.tokenizer_identity import text_tokenizer_sha256
 
     tokenizer = AutoTokenizer.from_pretrained(kit.text_tokenizer)
     digest = text_tokenizer_sha256(tokenizer)

@@ -91,7 +91,7 @@ def test_evaluate_reports_losses_retention_and_forgetting(setup):
     for name in datasets:
         scores = tuned["datasets"][name]
         assert scores["frames"] == 8 and scores["decode_frames"] == 4
-        assert scores["forgetting"] == pytest.approx(scores["ce"] - base["datasets"][name]["ce"])
+        assert scores["forgetting"] == pytest.approx(scores["task_loss"] - base["datasets"][name]["task_loss"])
         assert scores["action_mse"] is None or scores["action_mse"] >= 0
     assert tuned["backward_transfer"] == pytest.approx(-tuned["datasets"]["task_a"]["forgetting"])
     saved = json.loads((root / "out" / "eval.json").read_text())
@@ -112,7 +112,7 @@ def test_cli_prints_a_table(setup, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
     assert craft_eval.main() == 0
     out = capsys.readouterr().out
-    assert "| model | task_b: CE (vs base) |" in out and "| run/000002 |" in out
+    assert "| model | task_b: task loss (vs base) |" in out and "| run/000002 |" in out
     assert Path(root / "cli" / "eval.json").is_file()
 
 

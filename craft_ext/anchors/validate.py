@@ -35,6 +35,12 @@ def check_compatible(
     ``pooling`` / ``layers``: what the training config asks for, when it says so explicitly."""
     hidden = manifest.settings.hidden
     cached = manifest.settings.teacher.identity
+    if cached.get("policy_type") != adapter.policy_type:  # every other field would differ too: say only this
+        raise AnchorCacheError(
+            f"the anchor cache was built from a {cached.get('policy_type')} policy ({manifest.settings.teacher.path}), "
+            f"this policy is {adapter.policy_type}: build a cache from the checkpoint you fine-tune "
+            "(python -m craft_ext.build_anchor_cache --policy.path=...)"
+        )
     current = adapter.identity()
     problems = []
 
@@ -42,7 +48,6 @@ def check_compatible(
         if cached_value != current_value:
             problems.append(f"{name}: cache has {cached_value!r}, student has {current_value!r}")
 
-    compare("policy_type", cached.get("policy_type"), adapter.policy_type)
     compare("hidden_dim", hidden.dim, adapter.hidden_dim)
     for key in sorted((set(cached) | set(current)) - NOT_COMPARED - {"policy_type", "hidden_dim"}):
         a, b = cached.get(key), current.get(key)

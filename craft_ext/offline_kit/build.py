@@ -1,4 +1,4 @@
-"""Build the offline kit: tokenizers, task datasets and a tiny pi0-fast trained on task A.
+"""Build the offline kit: tokenizers, task datasets and a tiny policy (pi0-fast, pi0 or pi0.5) trained on task A.
 
 Layout written under `output_dir`:
 
@@ -6,10 +6,11 @@ Layout written under `output_dir`:
                          on (task_a), fine-tuned on (task_b), and what anchors and replay are taken from
     held_out/<name>/     other episodes of the same tasks (never trained on): task losses measured here
                          show whether a skill, not a set of frames, was learned or forgotten
-    policy/              lerobot checkpoint (type "pi0_fast_tiny") of the tiny pi0-fast + its
-                         pre/post processors, holding its own tokenizers:
+    policy/              lerobot checkpoint of the tiny policy (type "pi0_fast_tiny", "pi0_tiny" or
+                         "pi05_tiny", KitSettings.policy_type) + its pre/post processors, holding its
+                         own tokenizers:
       tokenizers/text/   PaliGemma-layout text tokenizer (AutoTokenizer)
-      tokenizers/fast/   FAST action tokenizer (AutoProcessor, trust_remote_code=True)
+      tokenizers/fast/   FAST action tokenizer (AutoProcessor, trust_remote_code=True); pi0-fast only
 
 Everything goes through lerobot's real factories (make_policy, make_pre_post_processors,
 LeRobotDataset), exactly as a real checkpoint would. No file of the kit records an absolute path:
@@ -27,6 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from lerobot.configs import PreTrainedConfig
 from lerobot.configs.types import NormalizationMode
 from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.policies.factory import make_policy, make_pre_post_processors
@@ -34,7 +36,12 @@ from lerobot.policies.factory import make_policy, make_pre_post_processors
 from craft_ext.offline_kit.datasets import IMAGE_SIZE, TASK_A, TASK_B, TaskSpec, make_dataset
 from craft_ext.offline_kit.fast_tokenizer import FASTActionTokenizer
 from craft_ext.offline_kit.text_tokenizer import build_text_tokenizer
+from craft_ext.policies.pi05_tiny.configuration_pi05_tiny import PI05TinyConfig
 from craft_ext.policies.pi0_fast_tiny.configuration_pi0_fast_tiny import BUNDLED_TOKENIZERS, PI0FastTinyConfig
+from craft_ext.policies.pi0_tiny.configuration_pi0_tiny import PI0TinyConfig
+
+#: --policy_type -> the toy lerobot config type of the kit's policy (lerobot's own model at toy size)
+KIT_POLICY_TYPES = {"pi0_fast": PI0FastTinyConfig, "pi0": PI0TinyConfig, "pi05": PI05TinyConfig}
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class KitSettings:
     state a lookup.
     """
 
+    policy_type: str = "pi0_fast"  # one of KIT_POLICY_TYPES
     seed: int = 0
     train_steps: int = 500
     batch_size: int = 8
@@ -97,6 +105,8 @@ def build_kit(
     output_dir: str | Path, settings: KitSettings = KitSettings(), log: Callable[[str], None] = print
 ) -> KitLayout:
     """Write the whole kit to `output_dir` (which must not already contain one)."""
+    if settings.policy_type not in KIT_POLICY_TYPES:
+        raise ValueError(f"policy_type {settings.policy_type!r}: expected one of {', '.join(KIT_POLICY_TYPES)}")
     layout = KitLayout.at(output_dir, tuple(t.name for t in settings.tasks))
     if layout.policy.exists():
         raise FileExistsError(f"{layout.policy} already exists: choose an empty --output_dir")
@@ -114,39 +124,26 @@ def build_kit(
                      settings.fps, settings.camera, first_episode=settings.episodes)
     metas = {s.name: LeRobotDatasetMetadata(s.name, root=layout.datasets[s.name]) for s in settings.tasks}
 
-    step("FAST action tokenizer (fit on normalised action chunks of every task)")
-    chunks = [c for s in settings.tasks for c in _normalised_chunks(layout.datasets[s.name], s.name, settings)]
-    fast = FASTActionTokenizer.fit(chunks, scale=settings.fast_scale, vocab_size=settings.fast_vocab_size)
-    fast.save_pretrained(layout.fast_tokenizer)
+    fast_vocab_size, skip_tokens = 0, 0
+    if settings.policy_type == "pi0_fast":
+        step("FAST action tokenizer (fit on normalised action chunks of every task)")
+        chunks = [c for s in settings.tasks for c in _normalised_chunks(layout.datasets[s.name], s.name, settings)]
+        fast = FASTActionTokenizer.fit(chunks, scale=settings.fast_scale, vocab_size=settings.fast_vocab_size)
+        fast.save_pretrained(layout.fast_tokenizer)
+        fast_vocab_size, skip_tokens = fast.vocab_size, settings.fast_skip_tokens
 
     step("text tokenizer")
-    text = build_text_tokenizer(_prompt_corpus(settings.tasks), fast.vocab_size, settings.fast_skip_tokens,
-                                settings.text_vocab_size)
+    text = build_text_tokenizer(_prompt_corpus(settings.tasks), fast_vocab_size, skip_tokens, settings.text_vocab_size)
     text.save_pretrained(layout.text_tokenizer)  # AutoTokenizer.from_pretrained(dir) loads it
 
     first = settings.tasks[0]
-    config = PI0FastTinyConfig(  # the type's default sizes
-        device="cpu",
-        chunk_size=settings.chunk_size,
-        n_action_steps=settings.chunk_size,
-        image_resolution=(IMAGE_SIZE, IMAGE_SIZE),
-        tokenizer_max_length=settings.tokenizer_max_length,
-        max_action_tokens=settings.max_action_tokens,
-        max_decoding_steps=settings.max_action_tokens,
-        fast_skip_tokens=settings.fast_skip_tokens,
-        # the prompt gets the raw state (datasets.STATE_SCALE keeps it inside pi0-fast's [-1, 1] bins)
-        normalization_mapping={"VISUAL": NormalizationMode.IDENTITY, "STATE": NormalizationMode.IDENTITY,
-                               "ACTION": NormalizationMode.MEAN_STD},
-        text_tokenizer_name=str(layout.text_tokenizer.resolve()),
-        action_tokenizer_name=str(layout.fast_tokenizer.resolve()),
-        push_to_hub=False,
-    )
+    config = _policy_config(settings, layout)
     with torch.random.fork_rng(devices=[]):  # seeded init + training, caller's RNG untouched
         torch.manual_seed(settings.seed)
         policy = make_policy(config, ds_meta=metas[first.name])  # also fills config's features
         preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=metas[first.name].stats)
         n_params = sum(p.numel() for p in policy.parameters())
-        step(f"tiny pi0-fast: {n_params / 1e6:.2f}M parameters; training {settings.train_steps} steps on {first.name}")
+        step(f"tiny {settings.policy_type} ({config.type}): {n_params / 1e6:.2f}M parameters; training {settings.train_steps} steps on {first.name}")
         step_time = train_policy(policy, preprocessor, layout.datasets[first.name], first.name, settings)
     step(f"trained: {step_time * 1e3:.1f} ms/step (preprocess + forward + backward + AdamW); checking select_action")
     check_inference(policy, preprocessor, layout.datasets[first.name], first.name, settings)
@@ -156,6 +153,32 @@ def build_kit(
     postprocessor.save_pretrained(layout.policy)
     step(f"done in {time.perf_counter() - start:.1f}s")
     return layout
+
+
+def _policy_config(settings: KitSettings, layout: KitLayout) -> PreTrainedConfig:
+    """The kit policy's config: the toy type's default sizes, the kit's chunking, images and tokenizers."""
+    common = dict(
+        device="cpu",
+        chunk_size=settings.chunk_size,
+        n_action_steps=settings.chunk_size,
+        image_resolution=(IMAGE_SIZE, IMAGE_SIZE),
+        tokenizer_max_length=settings.tokenizer_max_length,
+        # the state unnormalised: datasets.STATE_SCALE keeps it inside the [-1, 1] bins that pi0-fast and
+        # pi0.5 discretise into the prompt (pi0 reads it through a linear layer, where the scale is moot)
+        normalization_mapping={"VISUAL": NormalizationMode.IDENTITY, "STATE": NormalizationMode.IDENTITY,
+                               "ACTION": NormalizationMode.MEAN_STD},
+        text_tokenizer_name=str(layout.text_tokenizer.resolve()),
+        push_to_hub=False,
+    )
+    if settings.policy_type != "pi0_fast":
+        return KIT_POLICY_TYPES[settings.policy_type](**common)
+    return PI0FastTinyConfig(
+        **common,
+        max_action_tokens=settings.max_action_tokens,
+        max_decoding_steps=settings.max_action_tokens,
+        fast_skip_tokens=settings.fast_skip_tokens,
+        action_tokenizer_name=str(layout.fast_tokenizer.resolve()),
+    )
 
 
 def train_policy(policy, preprocessor, dataset_root: Path, name: str, settings: KitSettings) -> float:
@@ -188,7 +211,7 @@ def train_policy(policy, preprocessor, dataset_root: Path, name: str, settings: 
 
 
 def check_inference(policy, preprocessor, dataset_root: Path, name: str, settings: KitSettings) -> None:
-    """Fail early if `select_action` cannot decode (lerobot asserts the "Action:" prefix)."""
+    """Fail early if `select_action` cannot run (pi0-fast: lerobot asserts the "Action:" prefix)."""
     dataset = _open_dataset(dataset_root, name, settings)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
     observation = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}

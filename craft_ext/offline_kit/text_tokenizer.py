@@ -8,6 +8,8 @@ lerobot uses):
     N .. N+F-1                                "<fast_a>" fillers, a = F-1 down to 0
     N+F .. V-1                                "<skip_j>" fillers for lerobot's fast_skip_tokens
 
+(F = 0 and no skip fillers for policies without FAST action tokens: pi0, pi0.5.)
+
 lerobot maps FAST id `a` to text id `V - 1 - fast_skip_tokens - a`, which lands exactly on the
 "<fast_a>" filler, so generated action ids never collide with text, "Action", ":" or "|". The fillers
 are plain BPE vocabulary entries without merges (no text can encode to them), not added tokens:
@@ -88,7 +90,7 @@ def _check_layout(tokenizer: PreTrainedTokenizerFast, fast_vocab_size: int, fast
         pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(text, add_special_tokens=False))
         if pieces[: len(prefix)] != prefix:
             raise ValueError(f"{text!r} must tokenize as {prefix} + ..., got {pieces}")
-    for a in (0, fast_vocab_size - 1):
+    for a in sorted({0, fast_vocab_size - 1}) if fast_vocab_size else ():
         got = tokenizer.convert_ids_to_tokens(fast_to_text_id(tokenizer, a, fast_skip_tokens))
         if got != fast_filler(a):
             raise ValueError(f"FAST id {a} maps to text token {got!r}, expected {fast_filler(a)!r}")
