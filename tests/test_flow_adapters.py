@@ -204,5 +204,15 @@ def test_a_frozen_language_model_is_refused_before_step_one(kit, cache, tmp_path
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_smolvla_is_refused_with_the_reason():
+    """No adapter: its default frozen VLM would make the constraint inert (make_adapter reads only `name`)."""
+
+    class SmolVLALike(torch.nn.Module):
+        name = "smolvla"
+
+    with pytest.raises(ValueError, match="SmolVLA is not supported: .*train_expert_only.*supported types: pi0_fast"):
+        make_adapter(SmolVLALike())
+
+
 def kit_type(kit: KitLayout) -> str:
     return PreTrainedConfig.from_pretrained(kit.policy).type.removesuffix("_tiny")
