@@ -40,3 +40,14 @@ def offline_kit_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("offline_kit")
     build_kit(root, log=lambda _msg: None)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """The toy models gain nothing from threads, and 2 shared cores thrash with them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import craft_ext
-from craft_ext.anchors import AnchorCache, AnchorCacheError, check_compatible, read_manifest
+from craft_ext.anchors import AnchorCache, AnchorCacheError, read_manifest
 from craft_ext.anchors.manifest import MANIFEST_NAME, shard_name
 from craft_ext.anchors.upgrade import main as upgrade_main
 from craft_ext.trainer.checks import STUDENT_AT_TEACHER_TOLERANCE, check_student_matches_teacher
@@ -126,14 +126,6 @@ def error_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, text[-3000:]
     return lines[0]
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -59,14 +59,6 @@ def cache(kit, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _main(module, args: list[str]) -> int:
     argv = sys.argv
     sys.argv = [module.__name__, *args]

@@ -69,15 +69,6 @@ def anchor_cache(kit, tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture
-def one_thread():
-    """The toy model gains nothing from threads, and 2 shared cores thrash with them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(kit: KitLayout, output_dir: Path, cache: Path | None, steps: int = 4, **craft) -> CraftTrainPipelineConfig:
     """`--policy.path=KIT/policy --dataset.repo_id=task_b --dataset.root=...` plus --craft.* overrides."""
     policy = PreTrainedConfig.from_pretrained(kit.policy)
