@@ -117,6 +117,9 @@ class CraftConfig:
             raise ValueError(f"--craft.lambda_init={self.lambda_init} exceeds --craft.lambda_max={self.lambda_max}")
         if not 0 <= self.pi_ema < 1:
             raise ValueError(f"--craft.pi_ema={self.pi_ema}: expected a number in [0, 1)")
+        # train_config.json of runs saved before --craft.project took a mode holds a bool (true: project T
+        # whenever it conflicts with R), which draccus reads as "True" / "False": resuming them must parse
+        self.project = {"True": "always", "False": "never"}.get(self.project, self.project)
         _choice("project", self.project, PROJECT_MODES)
         _choice("sharding", self.sharding, SHARDING_MODES)
         for name in ("bucket_mb", "dist_timeout_s"):

@@ -542,3 +542,17 @@ def test_step_does_not_synchronise_cuda():
             _step(bufs, lam_value, "active", retain=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_train_config_that_stored_project_as_a_bool_still_parses():
+    """Checkpoints from before --craft.project took a mode recorded `"project": true`; resuming reads them."""
+    import draccus
+
+    from craft_ext.config import CraftConfig
+
+    for stored, mode in ((True, "always"), (False, "never")):
+        config = draccus.decode(CraftConfig, {"project": stored, "enable": False})
+        config.validate()  # what the trainer runs on every config, resumed ones included
+        assert config.project == mode
+    with pytest.raises(ValueError, match="--craft.project='sometimes'"):
+        draccus.decode(CraftConfig, {"project": "sometimes", "enable": False}).validate()
