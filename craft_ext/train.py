@@ -54,22 +54,31 @@ lerobot-train options (the common ones; --help-all lists all of them with lerobo
 
 
 def help_text() -> str:
-    """The `--help` page: usage, the common lerobot options, and every `--craft.*` option with its
-    description and default, rendered by draccus from the CraftConfig field comments."""
+    """The `--help` page: usage, the common lerobot options, and every `--craft.*`, `--replay.*` and
+    `--l2sp.*` option with its description and default, rendered by draccus from the config field comments."""
     from dataclasses import dataclass, field
 
     from draccus.argparsing import ArgumentParser
 
-    from .config import CraftConfig
+    from .config import CraftConfig, L2SPConfig, ReplayConfig
 
     @dataclass
-    class CraftSection:
+    class Sections:
         craft: CraftConfig = field(default_factory=CraftConfig)
+        replay: ReplayConfig = field(default_factory=ReplayConfig)
+        l2sp: L2SPConfig = field(default_factory=L2SPConfig)
 
-    rendered = ArgumentParser(config_class=CraftSection).parser.format_help()
-    section = rendered[rendered.index("CraftConfig ['craft']:") :]
-    options = section[section.index("\n\n") + 2 :]  # after the section's heading and docstring
-    return f"{USAGE}\nCRaFT options (docs/architecture.md, \"The step\"):\n{options.rstrip()}"
+    rendered = ArgumentParser(config_class=Sections).parser.format_help()
+    headings = ("CraftConfig ['craft']:", "ReplayConfig ['replay']:", "L2SPConfig ['l2sp']:")
+    titles = ('CRaFT options (docs/architecture.md, "The step")', "Replay of old datasets (a baseline, or with CRaFT)",
+              "L2-SP (a baseline: a pull toward the starting weights)")
+    starts = [rendered.index(h) for h in headings] + [len(rendered)]
+    parts = [USAGE.rstrip()]
+    for title, start, end in zip(titles, starts, starts[1:]):
+        section = rendered[start:end]
+        options = section[section.index("\n\n") + 2 :]  # after the section's heading and docstring
+        parts.append(f"{title}:\n{options.rstrip()}")
+    return "\n\n".join(parts)
 
 
 def main() -> int:

@@ -487,19 +487,23 @@ def test_first_screen_shows_only_the_run(kit, anchor_cache, tmp_path):
 
 
 def test_help_is_fast_and_describes_every_craft_option():
-    """--help renders without importing lerobot (which takes seconds) and gives every --craft.* option
-    its description and default."""
+    """--help renders without importing lerobot (which takes seconds) and gives every --craft.*, --replay.*
+    and --l2sp.* option its description and default."""
+    from craft_ext.config import L2SPConfig, ReplayConfig
+
     script = "import sys, craft_ext.train as t; print(t.help_text()); print(sorted(m for m in sys.modules if m.startswith('lerobot')))"
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text, imported = result.stdout.rsplit("\n", 2)[0], result.stdout.rsplit("\n", 2)[1]
     assert imported == "[]"
-    entries = re.split(r"\n  (?=--craft\.)", text.split("CRaFT options")[1])[1:]
-    names = [entry.split()[0] for entry in entries]
-    assert names == [f"--craft.{f}" for f in CraftConfig.__dataclass_fields__]
-    for entry in entries:
-        description = " ".join(entry.split()[2:])
-        assert re.search(r"\w{3,}.*\(default: .+\)$", description), entry
+    sections = re.split(r"\n\n(?=\S)", text.split("CRaFT options")[1])  # CRaFT, replay, L2-SP
+    assert len(sections) == 3
+    for section, prefix, config in zip(sections, ("craft", "replay", "l2sp"), (CraftConfig, ReplayConfig, L2SPConfig)):
+        entries = re.split(rf"\n  (?=--{prefix}\.)", section)[1:]
+        assert [entry.split()[0] for entry in entries] == [f"--{prefix}.{f}" for f in config.__dataclass_fields__]
+        for entry in entries:
+            description = " ".join(entry.split()[2:])
+            assert re.search(r"\w{3,}.*\(default: .+\)$", description), entry
 
 
 # --------------------------------------------------------------------------------------------------
