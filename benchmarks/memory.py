@@ -1,13 +1,15 @@
-"""Memory of one whole optimisation step of lerobot's real pi0-fast, counted without a GPU.
+"""Memory of one whole optimisation step of lerobot's real pi0-fast (or pi0, pi0.5), counted without a GPU.
 
-    python benchmarks/memory.py [--dtype float32|bfloat16] [--batch_size 8] [--cameras 1]
-                                [--gradient_checkpointing] [--shards N[,N...]] [--json PATH]
+    python benchmarks/memory.py [--policy pi0_fast|pi0|pi05] [--dtype float32|bfloat16] [--batch_size 8]
+                                [--cameras 1] [--gradient_checkpointing] [--shards N[,N...]] [--json PATH]
 
 The model is lerobot's own PI0FastPolicy at its real configuration (PaliGemma gemma_2b, SigLIP so400m
 at 224 px: 256 image tokens per camera, vocabulary 257152; `--model wide|tiny` for smaller ones),
 built on the meta device and materialised with `to_empty(device="cpu")` inside torch's
 `FakeTensorMode`: fake tensors carry shapes, dtypes and storages but allocate no memory, so a step
-of the 3.45e9-parameter model runs here in seconds. One whole step of the project's real step code
+of the 3.45e9-parameter model runs here in seconds. `--policy pi0|pi05` measures lerobot's PI0Policy /
+PI05Policy at their real configuration instead (PaliGemma gemma_2b + the gemma_300m action expert,
+chunk 50, prompt 48 / 200 tokens; `--model tiny`: the offline kit's toy type; no `wide`). One whole step of the project's real step code
 (`craft_ext.trainer.step.CraftStep` with the pi0-fast adapter, `GradBuffers`, the surgery, lerobot's
 AdamW preset and scheduler; the same objects `python -m craft_ext.train` builds) is traced, and a
 dispatch mode counts every tensor storage it allocates and frees:
@@ -77,6 +79,7 @@ R_PHASES = ("anchor_backward", "surgery")
 MODEL_SIZED_PHASES = ("surgery", "optimizer")
 RUNS = ("lerobot", "plain", "craft", "craft_tokens")
 MODELS = ("full", "wide", "tiny")
+POLICIES = ("pi0_fast", "pi0", "pi05")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,16 +91,28 @@ REAL_VOCAB = 257152  # PaliGemma's vocabulary, hard-coded by lerobot's pi0-fast
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which pi0-fast to build. `full`: lerobot's stock configuration (policy type pi0_fast). `wide`:
-    every width, the 257152-token vocabulary and the 224-px / 256-token images of `full`, but only
-    `depth` language and `vision_depth` SigLIP layers (craft_ext's pi0_fast_tiny type at those sizes).
-    `tiny`: the offline kit's toy pi0-fast (pi0_fast_tiny at its default sizes)."""
+    """Which model to build. `full`: lerobot's stock configuration (policy type pi0_fast, pi0 or pi05).
+    `wide` (pi0-fast only): every width, the 257152-token vocabulary and the 224-px / 256-token images of
+    `full`, but only `depth` language and `vision_depth` SigLIP layers (craft_ext's pi0_fast_tiny type at
+    those sizes). `tiny`: the offline kit's toy type (pi0_fast_tiny, pi0_tiny, pi05_tiny at their default sizes)."""
 
     name: str
     depth: int = 2
     vision_depth: int = 2
+    policy: str = "pi0_fast"
+
+    @property
+    def flow(self) -> bool:
+        """pi0 / pi0.5: flow matching with an action expert, no FAST tokens."""
+        return self.policy != "pi0_fast"
 
     def describe(self) -> str:
+        if self.flow:
+            name = {"pi0": "pi0", "pi05": "pi0.5"}[self.policy]
+            if self.name == "full":
+                return (f"full {name} (gemma_2b: 18 layers, width 2048; action expert gemma_300m; SigLIP so400m; "
+                        "vocab 257152; 224 px)")
+            return f"tiny {name} (the offline kit's toy size)"
         if self.name == "full":
             return "full pi0-fast (gemma_2b: 18 layers, width 2048; SigLIP so400m: 27 layers; vocab 257152; 224 px)"
         if self.name == "wide":
@@ -111,9 +126,20 @@ class ModelSpec:
         from lerobot.policies.pi0_fast.modeling_pi0_fast import get_gemma_config
         from transformers import CONFIG_MAPPING
 
-        from craft_ext.offline_kit.build import KitSettings
+        from craft_ext.offline_kit.build import KIT_POLICY_TYPES, KitSettings
         from craft_ext.policies.pi0_fast_tiny import PI0FastTinyConfig
 
+        if self.flow:
+            kwargs.pop("action_tokenizer_name", None)
+            if self.name == "full":
+                from lerobot.policies.pi0.configuration_pi0 import PI0Config
+                from lerobot.policies.pi05.configuration_pi05 import PI05Config
+
+                kwargs.pop("text_tokenizer_name", None)  # lerobot's pi0 / pi0.5 models hold no tokenizer
+                return {"pi0": PI0Config, "pi05": PI05Config}[self.policy](**kwargs)
+            kit = KitSettings()
+            return KIT_POLICY_TYPES[self.policy](tokenizer_max_length=kit.tokenizer_max_length,
+                                                 chunk_size=kit.chunk_size, n_action_steps=kit.chunk_size, **kwargs)
         if self.name == "full":
             return PI0FastConfig(**kwargs)
         if self.name == "tiny":
@@ -166,6 +192,8 @@ def build_policy(spec: ModelSpec, *, cameras: int, dtype: str, gradient_checkpoi
 
     from craft_ext.policies.pi0_fast_tiny.modeling_pi0_fast_tiny import PI0FastTinyPolicy
 
+    from lerobot.policies.factory import get_policy_class
+
     text_dir, fast_dir = tokenizers
     config = spec.config(device="cpu", dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                          text_tokenizer_name=str(text_dir), action_tokenizer_name=str(fast_dir))
@@ -176,7 +204,7 @@ def build_policy(spec: ModelSpec, *, cameras: int, dtype: str, gradient_checkpoi
     }
     config.output_features = {"action": PolicyFeature(FeatureType.ACTION, (14,))}
     config.device = "meta" if fake is not None else device  # set after lerobot's device check
-    policy_cls = PI0FastPolicy if spec.name == "full" else PI0FastTinyPolicy
+    policy_cls = get_policy_class(config.type) if spec.flow else PI0FastPolicy if spec.name == "full" else PI0FastTinyPolicy
     if fake is not None:
         with torch.device("meta"):
             policy = policy_cls(config)
@@ -195,20 +223,23 @@ def build_policy(spec: ModelSpec, *, cameras: int, dtype: str, gradient_checkpoi
 
 
 def task_batch(policy, batch_size: int, device="cpu", seed: int = 0) -> dict:
-    """The keys pi0-fast's task loss reads after lerobot's preprocessor: float images in [0, 1] at the
-    model's resolution, prompt tokens padded to tokenizer_max_length, FAST action tokens padded to
-    max_action_tokens (every position real: the most compute a batch can need)."""
+    """The keys the task loss reads after lerobot's preprocessor: float images in [0, 1] at the model's
+    resolution, prompt tokens padded to tokenizer_max_length; pi0-fast: FAST action tokens padded to
+    max_action_tokens (every position real: the most compute a batch can need); pi0 / pi0.5: the state
+    and an action chunk of chunk_size steps."""
     from lerobot.utils.constants import (
+        ACTION,
         ACTION_TOKEN_MASK,
         ACTION_TOKENS,
         OBS_LANGUAGE_ATTENTION_MASK,
         OBS_LANGUAGE_TOKENS,
+        OBS_STATE,
     )
 
     config = policy.config
     g = torch.Generator().manual_seed(seed)
     vocab = policy.model.paligemma_with_expert.paligemma.config.text_config.vocab_size
-    prompt, actions = config.tokenizer_max_length, config.max_action_tokens
+    prompt = config.tokenizer_max_length
     prompt_mask = torch.zeros(batch_size, prompt, dtype=torch.bool)
     prompt_mask[:, : max(1, prompt // 4)] = True  # a prompt of a quarter of the padded length
     batch = {
@@ -217,8 +248,13 @@ def task_batch(policy, batch_size: int, device="cpu", seed: int = 0) -> dict:
     }
     batch[OBS_LANGUAGE_TOKENS] = torch.randint(0, vocab, (batch_size, prompt), generator=g)
     batch[OBS_LANGUAGE_ATTENTION_MASK] = prompt_mask
-    batch[ACTION_TOKENS] = torch.randint(0, vocab, (batch_size, actions), generator=g)
-    batch[ACTION_TOKEN_MASK] = torch.ones(batch_size, actions, dtype=torch.bool)
+    if policy.name == "pi0_fast":
+        actions = config.max_action_tokens
+        batch[ACTION_TOKENS] = torch.randint(0, vocab, (batch_size, actions), generator=g)
+        batch[ACTION_TOKEN_MASK] = torch.ones(batch_size, actions, dtype=torch.bool)
+    else:
+        batch[OBS_STATE] = torch.rand(batch_size, *config.robot_state_feature.shape, generator=g)
+        batch[ACTION] = torch.rand(batch_size, config.chunk_size, *config.action_feature.shape, generator=g)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -521,7 +557,7 @@ def measure(args, run: str, tokenizers, accelerator) -> dict:
     """Trace two steps of `run` on fake tensors; returns the second step's row."""
     from craft_ext.policies import make_adapter
 
-    spec = ModelSpec(args.model, args.depth, args.vision_depth)
+    spec = ModelSpec(args.model, args.depth, args.vision_depth, args.policy)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     t0 = time.perf_counter()
     policy = build_policy(spec, cameras=args.cameras, dtype=args.dtype, tokenizers=tokenizers, fake=fake,
@@ -577,7 +613,7 @@ def measure(args, run: str, tokenizers, accelerator) -> dict:
     grad_bytes = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
     row = _row(run, counter, grad_bytes)
     row.update(prefix_tokens=adapter.num_image_tokens + policy.config.tokenizer_max_length,
-               action_tokens=policy.config.max_action_tokens, parameters_count=params, trainable_elements=trainable,
+               action_tokens=getattr(policy.config, "max_action_tokens", policy.config.chunk_size), parameters_count=params, trainable_elements=trainable,
                bytes_per_trainable_element=elt, build_s=round(build_s, 2), trace_s=round(trace_s, 2),
                host_reads_per_step=dict(counter.host_reads))
     return row
@@ -700,6 +736,7 @@ def checks(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", choices=POLICIES, default="pi0_fast", help="lerobot policy (default: %(default)s)")
     p.add_argument("--model", choices=MODELS, default="full")
     p.add_argument("--depth", type=int, default=2, help="language layers of --model wide")
     p.add_argument("--vision_depth", type=int, default=2, help="SigLIP layers of --model wide")
@@ -713,10 +750,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shards", default="", help="also report the per-GPU peak with FSDP2 over N GPUs (N or N,N)")
     p.add_argument("--optimizer", choices=["foreach", "fused", "for-loop"], default="foreach",
                    help="AdamW implementation; foreach is torch's default for CUDA tensors")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    p.add_argument("--runs", help=f"comma-separated subset of {','.join(RUNS)} (default: all; pi0 / pi0.5: all but lerobot)")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = ",".join(r for r in RUNS if args.policy == "pi0_fast" or r != "lerobot")
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in RUNS]
     if bad or not runs:
@@ -725,6 +764,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.shards = tuple(int(x) for x in args.shards.split(",") if x.strip())
     except ValueError:
         p.error(f"--shards must be integers like 8 or 2,4,8, got {args.shards!r}")
+    if args.policy != "pi0_fast" and args.model == "wide":
+        p.error("--model wide is pi0-fast's; for --policy pi0 or pi05 use full or tiny")
+    if args.policy != "pi0_fast" and "lerobot" in runs:
+        p.error("--runs lerobot: lerobot's pi0 / pi0.5 forward converts its loss to numpy, which fake tensors cannot; "
+                "compare with the plain run")
     if any(n < 2 for n in args.shards):
         p.error("--shards: each N must be >= 2")
     for name in ("batch_size", "anchor_batch_size", "cameras", "depth", "vision_depth"):
@@ -738,7 +782,9 @@ def main(argv: list[str] | None = None) -> dict:
     from craft_ext.cli_logging import quiet_video_backend_warning
 
     quiet_video_backend_warning()
-    spec = ModelSpec(args.model, args.depth, args.vision_depth)
+    spec = ModelSpec(args.model, args.depth, args.vision_depth, args.policy)
+    if spec.flow:  # the Beta distribution of flow-matching times checks its arguments' values: fake tensors have none
+        torch.distributions.Distribution.set_default_validate_args(False)
     with tempfile.TemporaryDirectory(prefix="craft-memory-") as tmp:
         tokenizers = make_tokenizers(Path(tmp), spec)
         accelerator = make_accelerator(spec.config(device="cpu", dtype=args.dtype))
@@ -750,7 +796,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = rows[0]
     report = {
         "config": {
-            "model": args.model, "model_description": spec.describe(), "dtype": args.dtype,
+            "policy": args.policy, "model": args.model, "model_description": spec.describe(), "dtype": args.dtype,
             "batch_size": args.batch_size, "anchor_batch_size": args.anchor_batch_size, "cameras": args.cameras,
             "layers": args.layers, "gradient_checkpointing": args.gradient_checkpointing, "shards": list(args.shards),
             "optimizer": args.optimizer, "parameters": first["parameters_count"],

@@ -118,6 +118,28 @@ def test_prefix_hidden_equals_the_training_forward(kit, monkeypatch):
         torch.testing.assert_close(prefix.hidden[:, layer] * valid, training[:, :n_tokens] * valid, rtol=1e-5, atol=1e-5)
 
 
+def test_gradient_checkpointing_changes_no_value_of_the_prefix_pass(kit):
+    """With --policy.gradient_checkpointing the adapter checkpoints the prefix pass's layers too (see
+    benchmarks/memory.py): the same hidden states and the same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        policy = load_policy(kit.policy).train()
+        if checkpointing:
+            policy.model.gradient_checkpointing_enable()
+        adapter = make_adapter(policy)
+        assert adapter._language_model.layers[0].gradient_checkpointing is checkpointing
+        prefix = adapter.prefix_hidden(adapter.anchor_inputs(_batch(kit, kit.policy)), [0, -1])
+        prefix.hidden.square().sum().backward()
+        grads.append((prefix.hidden.detach(), [p.grad for p in adapter._language_model.parameters()]))
+    (plain_hidden, plain_grads), (checkpointed_hidden, checkpointed_grads) = grads
+    torch.testing.assert_close(checkpointed_hidden, plain_hidden)
+    assert sum(g is not None for g in plain_grads) > 10  # the layers' weights and the token embedding
+    for a, b in zip(checkpointed_grads, plain_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_task_loss_is_lerobots_flow_matching_loss(kit):
     policy = load_policy(kit.policy)
     adapter, batch = make_adapter(policy), _batch(kit, kit.policy)

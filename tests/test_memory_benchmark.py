@@ -58,6 +58,33 @@ def test_memory_counts_the_buffers_the_step_allocates(memory_report):
     assert set(memory_report["targets"]) == {"craft_extra_peak_ok", "craft_anchor_pass_ok"}
 
 
+@pytest.mark.parametrize("policy", ["pi0", "pi05"])
+def test_memory_measures_pi0_and_pi05(tmp_path, policy):
+    """The same trace on lerobot's flow-matching policies (toy size here; --model full is the real one),
+    with gradient checkpointing: the trainer's own step with the pi0 / pi0.5 adapter, R costs one
+    gradient buffer, and the anchor pass stays within the task pass's transient memory."""
+    report = _run("memory.py", tmp_path, "--policy", policy, "--model", "tiny", "--batch_size", "2",
+                  "--anchor_batch_size", "2", "--gradient_checkpointing")
+    assert report["config"]["policy"] == policy
+    rows = {r["name"]: r for r in report["runs"]}
+    assert set(rows) == {"plain", "craft", "craft_tokens"}  # lerobot's own step cannot run on fake tensors here
+    for name in ("craft", "craft_tokens"):
+        assert math.isclose(rows[name]["retain_grad_gib"], rows[name]["grad_buffer_gib"])
+        assert rows[name]["peak_gib"] - rows["plain"]["peak_gib"] >= rows[name]["grad_buffer_gib"]
+        assert rows[name]["anchor_pass_transient_peak_gib"] > 0
+        # the anchor pass checkpoints its layers as the task pass does: it never raises the transient peak
+        assert report["targets"][f"{name}_anchor_pass_ok"], rows[name]["transient_peak_by_phase_gib"]
+    assert report["config"]["action_tokens"] == 8  # the kit's chunk: flow matching predicts the chunk directly
+
+
+def test_memory_refuses_what_it_cannot_measure_for_pi0():
+    for args, message in ((["--model", "wide"], "--model wide is pi0-fast's"),
+                          (["--runs", "lerobot"], "converts its loss to numpy")):
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / "memory.py"), "--policy", "pi0", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr
+
+
 def test_train_step_reports_the_breakdown(tmp_path):
     report = _run("train_step.py", tmp_path, "--model", "tiny", "--warmup", "1", "--steps", "2")
     for key in ("plain_step_s", "craft_step_s", "craft_k5_step_s", "anchor_fwd_bwd_s", "anchor_wait_s", "surgery_s",

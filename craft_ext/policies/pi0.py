@@ -32,6 +32,13 @@ class Pi0Adapter(PaliGemmaPrefixAdapter):
     def __init__(self, policy):
         super().__init__(policy)
         self._language_model.config._attn_implementation = "eager"  # noqa: SLF001  (see module docstring)
+        if self.policy.model.gradient_checkpointing_enabled:
+            # lerobot's pi0 / pi0.5 only flag the language model (`gradient_checkpointing = True`), which
+            # its joint layers read; the prefix-only pass runs the model's own layers, which checkpoint
+            # only when enabled the transformers way (as lerobot's pi0-fast does). Without it the anchor
+            # pass would keep every layer's activations. The joint training forward never calls these
+            # layers' forward, and inference runs in eval mode, so nothing else changes.
+            self._language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def task_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The flow-matching loss `forward` of the lerobot policy computes (MSE of the predicted
