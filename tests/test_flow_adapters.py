@@ -210,9 +210,12 @@ def test_a_cache_of_another_policy_type_is_refused(kit, cache, offline_kit_dir, 
         check_compatible(AnchorCache(cache).manifest, make_adapter(load_policy(pi0_fast_kit.policy)))
 
 
-def test_a_frozen_language_model_is_refused_before_step_one(kit, cache, tmp_path, capsys):
-    """lerobot's train_expert_only freezes PaliGemma: the anchored hidden states could never change."""
-    assert _main(train_cli, _train_args(kit, cache, tmp_path / "run", "--policy.train_expert_only=true")) == 1
+@pytest.mark.parametrize("frozen", [["--policy.train_expert_only=true"], ["--peft.method_type=LORA", "--peft.r=4"]],
+                         ids=["train_expert_only", "lerobot_default_lora_targets"])
+def test_a_frozen_language_model_is_refused_before_step_one(kit, cache, tmp_path, capsys, frozen):
+    """lerobot's train_expert_only freezes PaliGemma, and its default LoRA targets for pi0 / pi0.5 are all in
+    the action expert: either way the anchored hidden states could never change."""
+    assert _main(train_cli, _train_args(kit, cache, tmp_path / "run", *frozen)) == 1
     err = capsys.readouterr().err
     assert "the retention constraint cannot act" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
