@@ -308,3 +308,33 @@ def test_fsdp2_units_hold_one_dtype_each(offline_kit_dir):
         assert len(dtypes) <= 1, (names[module], dtypes)
     assert {p.dtype for p in unit_params(root)} == {torch.bfloat16}  # embeddings and LM head
     assert len({p.dtype for p in policy.parameters()}) == 2
+
+
+def test_pi05_fsdp2_equals_data_parallel(tmp_path):
+    """lerobot's pi0 / pi0.5 run their decoder layers' projections and norms directly, never the layers:
+    FSDP2 units per parameter-holding module (the adapter's `fsdp_units`) let the sharded run gather
+    them, and it trains exactly as data parallelism does (same ranks, same noise and times)."""
+    from craft_ext.offline_kit.build import KitSettings, build_kit
+
+    settings = KitSettings(policy_type="pi05", episodes=4, held_out_episodes=2, frames=10, train_steps=20)
+    kit = build_kit(tmp_path / "kit", settings, log=lambda _m: None)
+    cache = build(BuildAnchorCacheConfig(
+        policy=PolicySource(str(kit.policy)), dataset=DatasetSource("task_a", str(kit.datasets["task_a"])),
+        output_dir=str(tmp_path / "anchors"), num_anchors=8, dtype="float32", check=False,
+    ))  # fmt: skip
+
+    def args(out: str, *extra: str) -> list[str]:
+        return [f"--policy.path={kit.policy}", "--dataset.repo_id=task_b", f"--dataset.root={kit.datasets['task_b']}",
+                f"--output_dir={tmp_path / out}", f"--seed={SEED}", "--steps=3", "--batch_size=4", "--log_freq=1",
+                "--num_workers=0", "--policy.device=cpu", f"--craft.anchor_cache={cache}", "--craft.anchor_batch_size=2",
+                *extra]  # fmt: skip
+
+    _run(_torchrun(*args("dp")))
+    _run(_torchrun(*args("fsdp2", "--craft.sharding=fsdp2")))
+    dp, fsdp2 = _weights(tmp_path / "dp"), _weights(tmp_path / "fsdp2")
+    start = load_file(kit.policy / "model.safetensors")
+    assert dp.keys() == fsdp2.keys() == start.keys()
+    assert any(not torch.equal(dp[key], start[key]) for key in dp)  # it trained
+    for key in dp:
+        torch.testing.assert_close(fsdp2[key], dp[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert _lambda(tmp_path / "fsdp2") == pytest.approx(_lambda(tmp_path / "dp"), rel=1e-5)

@@ -33,6 +33,10 @@ class PolicyAdapter(Protocol):
     #: short policy type name recorded in the anchor-cache manifest, e.g. "pi0_fast"
     policy_type: str
 
+    #: FSDP2 units under --craft.sharding=fsdp2: "blocks" (every transformer block, when the policy
+    #: calls its blocks) or "modules" (every module holding parameters, when it calls their submodules)
+    fsdp_units: str
+
     @property
     def num_layers(self) -> int:
         """Depth of the language model whose hidden states are anchored."""

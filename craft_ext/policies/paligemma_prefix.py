@@ -44,6 +44,8 @@ class PaliGemmaPrefixAdapter:
     `_embed_prefix`, `task_loss`, `task_loss_weight` and `identity`."""
 
     policy_type: str
+    #: FSDP2 units (craft_ext.trainer.sharding.plan_units): the policy calls its transformer blocks
+    fsdp_units = "blocks"
 
     def __init__(self, policy: nn.Module):
         self.policy = unwrap(policy)

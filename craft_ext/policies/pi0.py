@@ -28,6 +28,9 @@ class Pi0Adapter(PaliGemmaPrefixAdapter):
     """PolicyAdapter (craft_ext.policies.base) for lerobot's PI0Policy."""
 
     policy_type = "pi0"
+    #: lerobot's joint layers (`compute_layer_complete`) call a block's projections and norms, never the
+    #: block: FSDP2 must gather per module (craft_ext.trainer.sharding)
+    fsdp_units = "modules"
 
     def __init__(self, policy):
         super().__init__(policy)

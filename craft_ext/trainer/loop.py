@@ -149,7 +149,7 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
         check_constraint_can_act(policy, adapter, cache, distance=cfg.craft.distance, accelerator=accelerator)
     preprocessor, postprocessor = build_processors(cfg, policy, dataset, device)
     parallel = Parallelism(accelerator, cfg.craft.sharding)
-    policy = parallel.prepare(policy)  # rank 0's weights everywhere, then sharded (fsdp2)
+    policy = parallel.prepare(policy, adapter.fsdp_units)  # rank 0's weights everywhere, then sharded (fsdp2)
     adapter = parallel.adapter(adapter)
     optimizer, scheduler = make_optimizer_and_scheduler(cfg, policy)
 

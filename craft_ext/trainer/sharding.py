@@ -6,7 +6,10 @@ sums T and R over processes during the backward (`craft_ext.distributed.BucketRe
 `--craft.sharding=fsdp2`: `fully_shard` on every transformer block (each element of the policy's
 `nn.ModuleList`s; split by dtype where needed, `plan_units`) and on a root around the policy that
 holds the rest (embeddings, vision embeddings, projector, LM head); weights, T, R and the optimizer
-state are divided by the number of processes. Either way all processes start from rank 0's weights (broadcast before sharding).
+state are divided by the number of processes. Policies whose forward calls the submodules of a block
+rather than the block itself (lerobot's pi0 and pi0.5 run both towers' layers that way:
+`PolicyAdapter.fsdp_units == "modules"`) get a unit per module that holds parameters instead: FSDP2
+gathers a unit's parameters only in the unit's own forward hook. Either way all processes start from rank 0's weights (broadcast before sharding).
 
 Why the root wraps the policy instead of sharding it: FSDP2 gathers a unit's parameters in the
 unit's forward hook, and the CRaFT step never calls the policy's own forward (it runs the task loss
@@ -49,14 +52,15 @@ class Parallelism:
     def sharded(self) -> bool:
         return self.root is not None
 
-    def prepare(self, policy: nn.Module) -> nn.Module:
-        """Give every process rank 0's weights, then shard them (fsdp2). Call before the optimizer
-        and the gradient buffers are built: both must see the sharded parameters."""
+    def prepare(self, policy: nn.Module, units: str = "blocks") -> nn.Module:
+        """Give every process rank 0's weights, then shard them (fsdp2) into `units` (the adapter's
+        `fsdp_units`, see `plan_units`). Call before the optimizer and the gradient buffers are
+        built: both must see the sharded parameters."""
         if self.world == 1:
             return policy
         broadcast_parameters_(policy)
         if self.sharding == "fsdp2":
-            self.root = shard_policy(policy, self.device)
+            self.root = shard_policy(policy, self.device, units)
         return policy
 
     def adapter(self, adapter):
@@ -75,26 +79,29 @@ class Parallelism:
         return {"model_state_dict": gather_state_dict(policy), "optim_state_dict": gather_optimizer_state(optimizer)}
 
 
-def shard_policy(policy: nn.Module, device: torch.device) -> nn.Module:
+def shard_policy(policy: nn.Module, device: torch.device, units: str = "blocks") -> nn.Module:
     """`fully_shard` the units of `plan_units`, then the root around the policy; returns the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     root = _Root(policy)
-    units = [fully_shard(unit, mesh=mesh) for unit in plan_units(root)]
-    fsdp_sum_gradients([*units, fully_shard(root, mesh=mesh)])
+    sharded = [fully_shard(unit, mesh=mesh) for unit in plan_units(root, units)]
+    fsdp_sum_gradients([*sharded, fully_shard(root, mesh=mesh)])
     return root
 
 
-def plan_units(root: nn.Module) -> list[nn.Module]:
+def plan_units(root: nn.Module, granularity: str = "blocks") -> list[nn.Module]:
     """The modules to `fully_shard` below `root`, innermost first: every transformer block (an
-    element of an `nn.ModuleList`), and wherever a module's trainable parameters are of several
+    element of an `nn.ModuleList`; with `granularity="modules"`, every module that holds trainable
+    parameters itself: linear layers, norms, embeddings), and wherever a module's trainable parameters are of several
     dtypes, its children of the minority dtypes (FSDP2 gathers and reduces a unit's parameters as
     one flat buffer of one dtype). lerobot's bf16 pi0-fast keeps the vision path and the norms in
     float32: each decoder layer stays one bf16 unit with its two float32 norms as units of their
     own, the vision tower and the projector become units, and the root keeps the bf16 embeddings
     and LM head. Raises if one module owns parameters of several dtypes itself."""
+    if granularity not in ("blocks", "modules"):
+        raise ValueError(f"plan_units: granularity {granularity!r}, expected 'blocks' or 'modules'")
     units: list[nn.Module] = []
 
     def plan(module: nn.Module, block: bool) -> Counter:
@@ -113,7 +120,7 @@ def plan_units(root: nn.Module) -> list[nn.Module]:
             keep = next(iter(own)) if own else max(counts, key=counts.get)
             units.extend(child for child, child_counts in children.items() if child_counts and keep not in child_counts)
             counts = Counter({keep: counts[keep]})
-        if block and counts:
+        if (block or (granularity == "modules" and own)) and counts:
             units.append(module)
             return Counter()
         return counts
