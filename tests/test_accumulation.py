@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from craft_ext.trainer import train
 
-from test_train import _CrashAt, anchor_cache, assert_same_run, kit, losses, make_config, one_thread, run_cli  # noqa: F401
+from test_train import _CrashAt, anchor_cache, assert_same_run, kit, losses, make_config, run_cli  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not __import__("craft_ext").extension_available(), reason="compiled extension not built"

@@ -19,7 +19,7 @@ from craft_ext.trainer import train
 from craft_ext.trainer.l2sp import START_FILE, L2SP
 from craft_ext.trainer.step import CraftStep
 
-from test_train import _CrashAt, anchor_cache, cli_args, kit, losses, make_config, one_thread, run_cli  # noqa: F401
+from test_train import _CrashAt, anchor_cache, cli_args, kit, losses, make_config, run_cli  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not __import__("craft_ext").extension_available(), reason="compiled extension not built"

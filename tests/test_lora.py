@@ -25,7 +25,7 @@ from craft_ext.policies import make_adapter
 from craft_ext.policies.loading import load_policy, preprocessor_overrides
 from craft_ext.trainer import train
 
-from test_train import _CrashAt, _never_trains, anchor_cache, cli_args, kit, losses, make_config, one_thread, run_cli  # noqa: F401
+from test_train import _CrashAt, _never_trains, anchor_cache, cli_args, kit, losses, make_config, run_cli  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not __import__("craft_ext").extension_available(), reason="compiled extension not built"
