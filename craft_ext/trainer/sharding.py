@@ -9,7 +9,8 @@ holds the rest (embeddings, vision embeddings, projector, LM head); weights, T, 
 state are divided by the number of processes. Policies whose forward calls the submodules of a block
 rather than the block itself (lerobot's pi0 and pi0.5 run both towers' layers that way:
 `PolicyAdapter.fsdp_units == "modules"`) get a unit per module that holds parameters instead: FSDP2
-gathers a unit's parameters only in the unit's own forward hook. Either way all processes start from rank 0's weights (broadcast before sharding).
+gathers a unit's parameters only in the unit's own forward hook. Either way all processes start from
+rank 0's weights (broadcast before sharding).
 
 Why the root wraps the policy instead of sharding it: FSDP2 gathers a unit's parameters in the
 unit's forward hook, and the CRaFT step never calls the policy's own forward (it runs the task loss
@@ -94,8 +95,8 @@ def shard_policy(policy: nn.Module, device: torch.device, units: str = "blocks")
 def plan_units(root: nn.Module, granularity: str = "blocks") -> list[nn.Module]:
     """The modules to `fully_shard` below `root`, innermost first: every transformer block (an
     element of an `nn.ModuleList`; with `granularity="modules"`, every module that holds trainable
-    parameters itself: linear layers, norms, embeddings), and wherever a module's trainable parameters are of several
-    dtypes, its children of the minority dtypes (FSDP2 gathers and reduces a unit's parameters as
+    parameters itself: linear layers, norms, embeddings), and wherever a module's trainable
+    parameters are of several dtypes, its children of the minority dtypes (FSDP2 gathers and reduces a unit's parameters as
     one flat buffer of one dtype). lerobot's bf16 pi0-fast keeps the vision path and the norms in
     float32: each decoder layer stays one bf16 unit with its two float32 norms as units of their
     own, the vision tower and the projector become units, and the root keeps the bf16 embeddings
