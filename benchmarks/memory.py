@@ -508,11 +508,17 @@ class StorageCounter(TorchDispatchMode):
         self._check_peak()
 
     def saved(self, tensor):
-        """saved_tensors_hooks pack hook: a temporary that autograd keeps is an activation."""
+        """saved_tensors_hooks pack hook: a temporary that autograd keeps is an activation.
+
+        Returns a detached view (same storage): handing autograd the tensor itself would let a node
+        that saves its own output hold itself in a reference cycle that nothing collects, keeping a
+        branch whose output never reaches the loss (pi0 / pi0.5 discard the prefix stream after the
+        last layer) alive for good, where a real run frees it as soon as the output is dropped."""
         if isinstance(tensor, torch.Tensor):
             record = self.records.get(tensor.untyped_storage()._cdata)
             if record is not None and record.category == "temporaries":
                 self._move(tensor.untyped_storage()._cdata, "activations")
+            return tensor.detach()
         return tensor
 
     def on_mark(self, old: str, new: str) -> None:
