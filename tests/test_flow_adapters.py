@@ -17,8 +17,6 @@ import torch
 from lerobot.configs import PreTrainedConfig
 from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.datasets.factory import resolve_delta_timestamps
-from lerobot.policies import make_pre_post_processors
-from lerobot.policies.factory import get_policy_class
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS
 
 import craft_ext
@@ -30,9 +28,10 @@ from craft_ext.anchors.validate import check_compatible
 from craft_ext.measures import retention_on_cache
 from craft_ext.offline_kit.build import KitLayout, KitSettings, build_kit
 from craft_ext.policies import make_adapter
-from craft_ext.policies.loading import load_policy, load_processors, preprocessor_overrides
+from craft_ext.policies.loading import load_policy, load_processors
 from craft_ext.policies.pi0 import Pi05Adapter, Pi0Adapter
 from craft_ext.retention import retention_loss
+from test_train import act_with_lerobot
 
 POLICY_TYPES = ("pi0", "pi05")
 ADAPTERS = {"pi0": Pi0Adapter, "pi05": Pi05Adapter}
@@ -184,18 +183,8 @@ def test_ten_craft_steps_through_the_cli_give_a_lerobot_policy_that_acts(kit, ca
     assert _main(train_cli, args) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith("done: steps 1..10 in ")
 
-    policy_dir = out / "checkpoints" / "last" / "pretrained_model"
-    config = PreTrainedConfig.from_pretrained(policy_dir)
-    config.pretrained_path = policy_dir
-    policy = get_policy_class(config.type).from_pretrained(policy_dir)  # lerobot's own loader
+    policy, action = act_with_lerobot(out / "checkpoints" / "last" / "pretrained_model", kit)  # lerobot's own loaders
     assert policy.name == kit_type(kit)
-    preprocessor, postprocessor = make_pre_post_processors(
-        config, pretrained_path=str(policy_dir), preprocessor_overrides=preprocessor_overrides(config)
-    )
-    meta = LeRobotDatasetMetadata("task_b", root=kit.datasets["task_b"])
-    dataset = LeRobotDataset("task_b", root=kit.datasets["task_b"], delta_timestamps=resolve_delta_timestamps(config, meta))
-    frame = next(iter(torch.utils.data.DataLoader(dataset, batch_size=1)))
-    action = postprocessor(policy.select_action(preprocessor(frame)))
     assert action.shape == (1, 4) and torch.isfinite(action).all()
 
 

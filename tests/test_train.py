@@ -255,9 +255,9 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(kit
     assert_same_run(tmp_path / "full", cut)
 
 
-def test_checkpoint_is_an_ordinary_lerobot_policy_that_acts(kit, anchor_cache, tmp_path, one_thread):
-    train(make_config(kit, tmp_path / "run", anchor_cache, steps=2))
-    policy_dir = tmp_path / "run" / "checkpoints" / "last" / "pretrained_model"
+def act_with_lerobot(policy_dir: Path, kit: KitLayout):
+    """(policy, action): `policy_dir` loaded by lerobot's own `from_pretrained` and processor factory,
+    acting on one frame of the kit's task_b."""
     config = PreTrainedConfig.from_pretrained(policy_dir)
     config.pretrained_path = policy_dir
     policy = get_policy_class(config.type).from_pretrained(policy_dir)
@@ -267,7 +267,12 @@ def test_checkpoint_is_an_ordinary_lerobot_policy_that_acts(kit, anchor_cache, t
     meta = LeRobotDatasetMetadata("task_b", root=kit.datasets["task_b"])
     dataset = LeRobotDataset("task_b", root=kit.datasets["task_b"], delta_timestamps=resolve_delta_timestamps(config, meta))
     frame = next(iter(torch.utils.data.DataLoader(dataset, batch_size=1)))
-    action = postprocessor(policy.select_action(preprocessor(frame)))
+    return policy, postprocessor(policy.select_action(preprocessor(frame)))
+
+
+def test_checkpoint_is_an_ordinary_lerobot_policy_that_acts(kit, anchor_cache, tmp_path, one_thread):
+    train(make_config(kit, tmp_path / "run", anchor_cache, steps=2))
+    _, action = act_with_lerobot(tmp_path / "run" / "checkpoints" / "last" / "pretrained_model", kit)
     assert action.shape == (1, 4) and torch.isfinite(action).all()
 
 
