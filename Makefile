@@ -1,6 +1,6 @@
 # From a fresh clone, two commands; each does its own set-up (idempotent):
 #   make demo   the embedded demo: CRaFT vs plain fine-tuning on two offline toy tasks (~2 min on 2 cores)
-#   make test   the test suite
+#   make test   the lint (ruff) and the test suite
 # Set-up = a Python 3.12 virtual environment in .venv (Python 3.12 found on PATH or through pyenv) and
 # the editable install of craft_ext into it; it is redone only when the build inputs change.
 # `make install` does only the set-up; `make clean` removes .venv and the build folder.
@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(PY) -m craft_ext.train
 
 test: $(STAMP)
+	$(PY) -m ruff check craft_ext tests benchmarks
 	$(PY) -m pytest
 
 install: $(STAMP)
@@ -24,7 +25,7 @@ install: $(STAMP)
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(PY) || { py=$$(sh cmake/find_python312.sh) && echo "creating $(VENV) with $$py" && "$$py" -m venv $(VENV); }
 	$(PY) -m pip install -r requirements-build.txt
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --no-build-isolation -e ".[test,sim]"
 	@touch $@
 
 clean:

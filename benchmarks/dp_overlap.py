@@ -10,7 +10,7 @@ Only the way T and R are summed over processes differs:
 
   compute   no gradient all-reduce at all (not a valid step: the baseline the others are measured from)
   after     each flat buffer all-reduced once after both backwards (the trainer before the reducer)
-  overlap   craft_ext.distributed.BucketReducer: bucket all-reduces start during each backward
+  overlap   craft_ext.engine.distributed.BucketReducer: bucket all-reduces start during each backward
   comm      the all-reduces of T and R alone, without any compute: what there is to hide
 
 Two measures of the communication a step is exposed to: `wait` = time the step waits for the
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import time
@@ -36,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _harness import machine_info, markdown_table, sync
 from torch import nn
 
 MODES = ("compute", "after", "overlap", "comm")
@@ -49,21 +49,16 @@ def _model(layers: int, width: int, device: torch.device) -> nn.Module:
     return nn.Sequential(*blocks).to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _worker(rank: int, port: int, args, out_path: str) -> None:
-    from craft_ext.distributed import BucketReducer, distributed_surgery_, loss_shares
-    from craft_ext.surgery import GradBuffers
+    from craft_ext.engine.distributed import BucketReducer, distributed_surgery_, loss_shares
+    from craft_ext.engine.grad_buffers import GradBuffers
 
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world,
-                            timeout=timedelta(seconds=300))  # fmt: skip
+                            timeout=timedelta(seconds=300))
     torch.set_num_threads(args.threads)
     model = _model(args.layers, args.width, device)
     bufs = GradBuffers(model)
@@ -101,13 +96,13 @@ def _worker(rank: int, port: int, args, out_path: str) -> None:
         retention = F.mse_loss(model(anchors), teacher) * loss_shares(ones)[0]
         backward(bufs.retain, "retain", retention, mode)
         bufs.use("task")
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         if mode == "overlap":
             reducer.wait()
         elif mode == "after":
             all_reduce_buffers()
-        _sync(device)
+        sync(device)
         waited = time.perf_counter() - start
         losses = torch.stack([task.detach(), retention.detach()]).float()
         out, losses = distributed_surgery_(bufs.task, bufs.retain, 1.0, losses, project="never")
@@ -122,20 +117,19 @@ def _worker(rank: int, port: int, args, out_path: str) -> None:
     for _ in range(args.steps):
         for mode in MODES:
             dist.barrier()
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             waits[mode].append(step(mode))
-            _sync(device)
+            sync(device)
             times[mode].append(time.perf_counter() - start)
     if rank == 0:
         medians = {mode: statistics.median(t) for mode, t in times.items()}
         grad_bytes = sum(flat.numel() * flat.element_size() for flat in bufs.task.flats)
         report = {
             "config": {**vars(args), "gradient_bytes": grad_bytes, "buckets": len(reducer.buckets), "backend": backend,
-                       "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                       "cpus": os.cpu_count()},
+                       "cpus": os.cpu_count(), **machine_info(device)},
             "median_ms": {mode: 1e3 * m for mode, m in medians.items()},
-        }  # fmt: skip
+        }
         for mode in ("after", "overlap"):
             paired = [t - c for t, c in zip(times[mode], times["compute"])]
             report[mode] = {"wait_ms": 1e3 * statistics.median(waits[mode]), "exposed_ms": 1e3 * statistics.median(paired)}
@@ -172,15 +166,18 @@ def main(argv: list[str] | None = None) -> dict:
     config, ms = report["config"], report["median_ms"]
     print(f"{args.world} processes ({config['backend']}), {config['gradient_bytes'] / 2**20:.0f} MiB per gradient "
           f"(T and R: {2 * config['gradient_bytes'] / 2**20:.0f} MiB per step), {config['buckets']} buckets of "
-          f"{args.bucket_mb:g} MB")  # fmt: skip
+          f"{args.bucket_mb:g} MB")
     after, overlap = report["after"], report["overlap"]
-    print("| mode | median step ms | wait after the backwards ms | exposed ms (step - compute step) |")
-    print("|---|---|---|---|")
-    print(f"| compute only (no gradient all-reduce) | {ms['compute']:.1f} | - | - |")
-    print(f"| all-reduce after the backwards | {ms['after']:.1f} | {after['wait_ms']:.1f} | {after['exposed_ms']:.1f} |")
-    print(f"| **overlapped** (bucket reducer) | **{ms['overlap']:.1f}** | **{overlap['wait_ms']:.1f}** | "
-          f"**{overlap['exposed_ms']:.1f}** |")  # fmt: skip
-    print(f"| T + R all-reduce alone (nothing to hide behind) | {ms['comm']:.1f} | - | - |")
+    print(markdown_table(
+        ["mode", "median step ms", "wait after the backwards ms", "exposed ms (step - compute step)"],
+        [
+            ["compute only (no gradient all-reduce)", f"{ms['compute']:.1f}", "-", "-"],
+            ["all-reduce after the backwards", f"{ms['after']:.1f}", f"{after['wait_ms']:.1f}", f"{after['exposed_ms']:.1f}"],
+            ["**overlapped** (bucket reducer)", f"**{ms['overlap']:.1f}**", f"**{overlap['wait_ms']:.1f}**",
+             f"**{overlap['exposed_ms']:.1f}**"],
+            ["T + R all-reduce alone (nothing to hide behind)", f"{ms['comm']:.1f}", "-", "-"],
+        ],
+    ))
     return report
 
 

@@ -26,7 +26,7 @@ task backward, retention backward, surgery, on a model with the same parameter l
 
   plain     plain fine-tuning: the task backward alone (the memory baseline: one gradient)
   old       the task gradient cloned out, grads reset, retention backward, `old` surgery, G put back
-  ours      craft_ext.surgery: GradBuffers (both backwards accumulate into flat T / R buffers through
+  ours      craft_ext.engine: GradBuffers (both backwards accumulate into flat T / R buffers through
             param.grad views) + surgery_
 """
 
@@ -34,19 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
-import weakref
 from pathlib import Path
 
 import torch
+from _harness import is_cuda, machine_info, median_time, sync, write_json
+from _storage_counter import LiveBytes
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-import craft_ext
-from craft_ext.surgery import GradBuffers, surgery_, surgery_coefficients
+from craft_ext.engine.grad_buffers import GradBuffers
+from craft_ext.engine.surgery import surgery_, surgery_coefficients
 
 TAU = 0.0
 LAM = 1.0
@@ -86,7 +82,7 @@ def layout(name: str, scale: float, uniform_n: int, uniform_count: int) -> list[
 
 def coefficients(stats: torch.Tensor) -> torch.Tensor:
     """[alpha, beta] on device from (T.R, |T|^2, |R|^2), with the engine's own rule."""
-    c = surgery_coefficients(stats, LAM, project="always", tau=TAU, mode="weighted")
+    c = surgery_coefficients(stats, LAM, project="always", tau=TAU, merge="weighted")
     return torch.stack([c["alpha"], c["beta"]])
 
 
@@ -129,7 +125,7 @@ def step_cat(T, R):
 
 
 def step_ours(t_flat, r_flat):
-    surgery_(t_flat, r_flat, LAM, project="always", tau=TAU, mode="weighted")
+    surgery_(t_flat, r_flat, LAM, project="always", tau=TAU, merge="weighted")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,46 +136,11 @@ def views(flat: torch.Tensor, numels: list[int]) -> list[torch.Tensor]:
     return list(flat.split(numels))
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages that ops allocate while the mode is active, and their
-    peak while alive (a storage's bytes are released when it is freed). Views and in-place results
-    share an input's storage and are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        known = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() in known or storage.nbytes() == 0:
-                continue
-            known.add(storage.data_ptr())
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, storage.nbytes())
-        return out
-
-
 def peak_extra_bytes(fn, device: str) -> int:
     """Peak memory allocated above the starting point while fn runs: the CUDA allocator's statistics
     on a GPU, live tensor storages (LiveBytes) on the CPU."""
     sync(device)
-    if device == "cuda":
+    if is_cuda(device):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
@@ -189,33 +150,6 @@ def peak_extra_bytes(fn, device: str) -> int:
     with tracker:
         fn()
     return tracker.peak
-
-
-def median_time(fn, device: str, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def machine_info(device: str) -> dict:
-    return {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "torch": torch.__version__, "craft_ext": craft_ext.build_info(),
-    }
 
 
 def gradients(args) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -352,7 +286,7 @@ def engine_ours(model: LayoutModel, bufs: GradBuffers) -> None:
     bufs.use("retain")
     model.loss(model.retain_w).backward()
     bufs.use("task")
-    surgery_(bufs.task, bufs.retain, LAM, project="always", tau=TAU, mode="weighted")
+    surgery_(bufs.task, bufs.retain, LAM, project="always", tau=TAU, merge="weighted")
 
 
 def run_engine(args) -> dict:
@@ -441,8 +375,7 @@ def main() -> None:
         report = run(args)
         print_table(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_json(report, args.json)
 
 
 if __name__ == "__main__":

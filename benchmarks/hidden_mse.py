@@ -15,21 +15,19 @@ each with a float32 and a bfloat16 teacher (the anchor cache's two storage dtype
 Every row times loss -> backward to the student (torch.autograd.grad of the weighted sum of the
 per-sample losses) and checks the loss and gradient against ours first. GB/s counts the bytes the
 step must move at least: student and teacher read forward, read again backward, gradient written
-(2 (S + T) + S bytes).
+(2 (S + T) + S bytes). Times are medians of `--repeats` steps, by CUDA events on a GPU and the host's
+clock on the CPU (benchmarks/_harness.py, `median_time`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from _harness import machine_info, median_time, sync, write_json
 
-import craft_ext
 from craft_ext import ops
 
 LAYERS = 2
@@ -55,24 +53,6 @@ def problem(kind: str, batch: int, cameras: int, dim: int, sdtype, tdtype, devic
         mask = torch.rand(batch, tokens, generator=g, device=device) > 0.1
         mask[:, 0] = True
     return student, teacher, mask
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device: str, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def step(impl, student: torch.Tensor, teacher: torch.Tensor, mask, weights: torch.Tensor):
@@ -116,14 +96,6 @@ def run_case(kind: str, tdtype, args) -> dict:
     }
 
 
-def machine_info(device: str) -> dict:
-    return {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "craft_ext": craft_ext.build_info(),
-    }
-
-
 def print_table(report: dict) -> None:
     print(f"\nhidden_mse forward + backward, device {report['config']['device']}, student {report['config']['student']}")
     print(f"{'case':<34} {'impl':<9} {'median ms':>10} {'GB/s':>8} {'x ours':>8}")
@@ -159,8 +131,7 @@ def main() -> None:
     }
     print_table(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_json(report, args.json)
 
 
 if __name__ == "__main__":

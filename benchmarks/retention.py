@@ -35,6 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+from _harness import markdown_table as table
+from _harness import write_json
+
 METHODS = ("plain", "craft", "fixed", "replay", "l2sp", "lora")
 KNOB_NAMES = {"plain": "-", "craft": "epsilon", "fixed": "lambda", "replay": "fraction", "l2sp": "strength", "lora": "rank"}
 FULL = {
@@ -49,7 +52,7 @@ QUICK = {"plain": [None], "craft": [0.02, 0.08], "fixed": [1.0, 10.0], "replay":
 #: LoRA on every linear layer of the language model and the vision tower (PEFT's all-linear leaves out the head)
 LORA_TARGETS = "all-linear"
 LABELS = {"plain": "plain fine-tuning", "craft": "CRaFT", "fixed": "fixed penalty", "replay": "replay (anchor frames)",
-          "l2sp": "L2-SP", "lora": "LoRA"}  # fmt: skip
+          "l2sp": "L2-SP", "lora": "LoRA"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--knobs", default=None, help="override knob values, e.g. 'craft=0.01,0.02;l2sp=10'")
     parser.add_argument("--json", type=Path, default=None, help='also write {"points": [...]} to this path')
-    parser.add_argument("--kit", type=Path, default=None, help="an existing offline kit to use (default: built in the output dir)")
+    parser.add_argument("--kit", type=Path, default=None,
+                        help="an existing offline kit to use (default: built in the output dir)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default: the demo's)")
     parser.add_argument("--num_anchors", type=int, default=None, help="anchor cache rows (default: the demo's)")
     parser.add_argument("--eval_frames", type=int, default=None, help="frames per evaluation set (default: the demo's)")
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from craft_ext.cli_logging import quiet_video_backend_warning, setup_cli_logging
     from craft_ext.demo import DemoSettings, prepare
+    from craft_ext.utils.cli_logging import quiet_video_backend_warning, setup_cli_logging
 
     setup_cli_logging()
     quiet_video_backend_warning()
@@ -95,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.output_dir / "table.md").write_text(table + "\n")
     plot_pareto(points, args.output_dir / "pareto.png")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"points": points}, indent=2) + "\n")
+        write_json({"points": points}, args.json, announce=False)
     print()
     print(table)
     print(f"\n{len(points)} runs, {time.perf_counter() - start:.0f} s; plot: {args.output_dir / 'pareto.png'}")
@@ -136,8 +139,9 @@ def run_sweep(bench, settings, sweep: dict[str, list], seeds: list[int], out: Pa
         run_dir = out / "runs" / name
         if run_dir.exists():  # an interrupted run: start it over
             shutil.rmtree(run_dir)
-        print(f"[retention] {i}/{len(runs)} {LABELS[method]}, {KNOB_NAMES[method]} {knob if knob is not None else '-'}, seed {seed}",
-              flush=True)  # fmt: skip
+        knob_text = knob if knob is not None else "-"
+        print(f"[retention] {i}/{len(runs)} {LABELS[method]}, {KNOB_NAMES[method]} {knob_text}, seed {seed}",
+              flush=True)
         config = method_config(bench, settings, method, knob, seed, run_dir)
         run = fine_tune(bench, config, probe=False)
         point = {
@@ -157,7 +161,7 @@ def run_sweep(bench, settings, sweep: dict[str, list], seeds: list[int], out: Pa
             f.write(json.dumps(point) + "\n")
         points.append(point)
         print(f"           task-A increase {point['task_a_increase']:+.3f}, task-B {point['task_b_after']:.3f} "
-              f"({point['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+              f"({point['wall_time_s']:.0f} s)", flush=True)
     return points
 
 
@@ -214,7 +218,7 @@ def dominated_by(rows: list[dict], method: str, by: str) -> list[tuple[dict, dic
             o for o in others
             if o["task_a_increase"] <= r["task_a_increase"] and o["task_b_after"] <= r["task_b_after"]
             and (o["task_a_increase"], o["task_b_after"]) != (r["task_a_increase"], r["task_b_after"])
-        ]  # fmt: skip
+        ]
         out.append((r, min(better, key=lambda o: o["task_b_after"]) if better else None))
     return out
 
@@ -223,23 +227,26 @@ def markdown_table(points: list[dict], settings, seeds: list[int]) -> str:
     rows = summarise(points)
     plain = next((r for r in rows if r["method"] == "plain"), None)
     spread = " ± seed std" if len(seeds) > 1 else ""
+    head = ["method", "knob", "task-A increase", "task-A increase, non-anchor frames", "task-B loss after"]
+    head += ["A increase vs plain", "B loss vs plain"] if plain else []
+    head.append("time/run")
+    cells_of_rows = []
+    for r in rows:
+        knob = "-" if r["knob"] is None else f"{KNOB_NAMES[r['method']]} {r['knob']:g}"
+        cells = [LABELS[r["method"]], knob, _pm(r, "task_a_increase", "+.3f"), _pm(r, "task_a_frames_increase", "+.3f"),
+                 _pm(r, "task_b_after", ".3f")]
+        if plain:
+            cells += [f"{r['task_a_increase'] / plain['task_a_increase']:.0%}",
+                      f"{r['task_b_after'] / plain['task_b_after'] - 1:+.1%}"]
+        cells.append(f"{r['wall_time_s']:.0f} s")
+        cells_of_rows.append(cells)
     lines = [
         f"{settings.steps} fine-tuning steps on task B per run, batch {settings.batch_size}, lr {settings.lr:g}; "
         f"{len(seeds)} seed(s); mean{spread}. Task A on held-out episodes (second column: A's training frames "
         "that are not anchors), task B on held-out episodes; lower is better everywhere.",
         "",
-        "| method | knob | task-A increase | task-A increase, non-anchor frames | task-B loss after "
-        + ("| A increase vs plain | B loss vs plain " if plain else "") + "| time/run |",
-        "|" + "---|" * (6 + 2 * bool(plain)),
+        table(head, cells_of_rows),
     ]
-    for r in rows:
-        knob = "-" if r["knob"] is None else f"{KNOB_NAMES[r['method']]} {r['knob']:g}"
-        cells = [LABELS[r["method"]], knob, _pm(r, "task_a_increase", "+.3f"), _pm(r, "task_a_frames_increase", "+.3f"),
-                 _pm(r, "task_b_after", ".3f")]  # fmt: skip
-        if plain:
-            cells += [f"{r['task_a_increase'] / plain['task_a_increase']:.0%}", f"{r['task_b_after'] / plain['task_b_after'] - 1:+.1%}"]
-        cells.append(f"{r['wall_time_s']:.0f} s")
-        lines.append("| " + " | ".join(cells) + " |")
     if any(r["method"] == "craft" for r in rows):
         lines.append("")
         for other in ("fixed", "l2sp", "replay", "lora"):
@@ -249,7 +256,8 @@ def markdown_table(points: list[dict], settings, seeds: list[int]) -> str:
                 lines.append(f"- {LABELS[other]}: {hit} of {len(pairs)} settings dominated by a CRaFT setting (mean over seeds)")
             back = dominated_by(rows, "craft", other)
             if back and any(b is not None for _, b in back):
-                lines.append(f"  - and {sum(b is not None for _, b in back)} of {len(back)} CRaFT settings dominated by a {LABELS[other]} setting")
+                hit = sum(b is not None for _, b in back)
+                lines.append(f"  - and {hit} of {len(back)} CRaFT settings dominated by a {LABELS[other]} setting")
     return "\n".join(lines)
 
 
@@ -278,12 +286,12 @@ def plot_pareto(points: list[dict], path: Path) -> Path:
             xs, ys = [r["task_b_after"] for r in mine], [r["task_a_increase"] for r in mine]
             ax.errorbar(xs, ys, xerr=[r["task_b_after_std"] for r in mine], yerr=[r["task_a_increase_std"] for r in mine],
                         marker=markers[method], markersize=9 if method == "plain" else 6, capsize=3, linestyle="-",
-                        label=LABELS[method])  # fmt: skip
+                        label=LABELS[method])
             for r, x, y in zip(mine, xs, ys):
                 if r["knob"] is not None:
                     ax.annotate(f"{r['knob']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set(xlabel="task-B loss after fine-tuning (held-out episodes; lower = learned)",
-               ylabel="task-A loss increase (held-out episodes; lower = retained)")  # fmt: skip
+               ylabel="task-A loss increase (held-out episodes; lower = retained)")
         ax.grid(alpha=0.3)
     axes[0].set_title("Retention vs learning on the two-task benchmark (down-left is better)")
     axes[0].legend()

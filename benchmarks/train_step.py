@@ -16,7 +16,7 @@ both alike:
 Times are medians over the timed steps of each kind. CRaFT with `--craft.retention_every=5` runs
 one retention step and four task-only steps per cycle: `craft_k5` is that mix of the two medians.
 The breakdown (medians per step) is marked by wrapping the adapter and accelerator the step is given
-(see memory.Phases): zero_grad (T's reset at the start of `compute`), task forward+backward,
+(see _step.Phases): zero_grad (T's reset at the start of `compute`), task forward+backward,
 anchor fetch wait (`Constraint.anchor_batch`), anchor forward+backward, surgery (buffer switches, R's
 reset, stats, coefficients, combine or clip), host sync (the read), optimizer (`finish`: AdamW,
 scheduler). On CUDA every phase boundary synchronises, so no host and device work overlap across
@@ -35,9 +35,7 @@ reports `torch.cuda.max_memory_allocated` over the run, to compare with benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,18 +43,10 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import (  # noqa: E402  (the benchmarks' shared model, batch and step builders)
-    ModelSpec,
-    Phases,
-    build_policy,
-    make_accelerator,
-    make_optimizer,
-    make_step,
-    make_tokenizers,
-    task_batch,
-)
+from _harness import machine_info, sync, write_json
+from _policies import ModelSpec, build_policy, make_tokenizers
+from _step import Phases, make_accelerator, make_optimizer, make_step
+from _synthetic import task_batch
 
 DEFAULTS = {  # model -> batch, anchor batch, dtype, warm-up pairs, timed pairs, CPU threads
     # the toy's matrices are too small for intra-op threads (the offline kit trains it on one thread)
@@ -65,7 +55,7 @@ DEFAULTS = {  # model -> batch, anchor batch, dtype, warm-up pairs, timed pairs,
     "full": dict(batch_size=8, anchor_batch_size=8, dtype="bfloat16", warmup=3, steps=10, threads=0),
 }
 BREAKDOWN = ("zero_grad", "task_fwd_bwd", "anchor_wait", "anchor_fwd_bwd", "surgery", "host_sync", "optimizer")
-_PHASE_TO_PART = {  # memory.PHASES -> BREAKDOWN ("setup", between steps, is not timed)
+_PHASE_TO_PART = {  # _step.PHASES -> BREAKDOWN ("setup", between steps, is not timed)
     "anchor_wait": "anchor_wait", "zero_grad": "zero_grad", "task_forward": "task_fwd_bwd",
     "task_backward": "task_fwd_bwd", "anchor_forward": "anchor_fwd_bwd", "anchor_backward": "anchor_fwd_bwd",
     "surgery": "surgery", "host_sync": "host_sync", "optimizer": "optimizer",
@@ -81,8 +71,7 @@ class PhaseTimer:
         self._since = None
 
     def on_mark(self, old: str, new: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         now = time.perf_counter()
         if self._since is not None and old in _PHASE_TO_PART:
             part = _PHASE_TO_PART[old]
@@ -188,7 +177,8 @@ def time_steps(args, policy, adapter, accelerator, batch, cache, device) -> dict
 
 
 def summarise(rows: dict[str, dict]) -> dict:
-    """The issue's keys: medians of the task-only (plain) and retention (K = 1) steps, and K = 5."""
+    """The headline figures: medians of the task-only (plain) and retention (K = 1) steps, K = 5, the
+    retention step's breakdown and the overhead fractions."""
     plain, k1, k5 = rows["plain"], rows["craft_k1"], rows["craft_k5"]
     b, b5 = k1["breakdown_s"], k5["breakdown_s"]
     return {
@@ -268,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU here")
 
-    from craft_ext.cli_logging import quiet_video_backend_warning
     from craft_ext.policies import make_adapter
+    from craft_ext.utils.cli_logging import quiet_video_backend_warning
 
     quiet_video_backend_warning()
     load_start = os.getloadavg()[0]  # a shared machine's other work shows up in every time below
@@ -295,19 +285,16 @@ def main(argv: list[str] | None = None) -> dict:
             "parameters": sum(q.numel() for q in policy.parameters()), "dtype": args.dtype,
             "batch_size": args.batch_size, "anchor_batch_size": args.anchor_batch_size, "cameras": args.cameras,
             "layers": layers, "pooling": args.pooling, "warmup": args.warmup, "steps": args.steps,
-            "device": str(device), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+            "device": str(device), **machine_info(device),
+            "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         },
         "runs": list(rows.values()),
     }
     report["summary"] = summarise(rows)
-    report.update(report["summary"])  # the issue's keys at the top level too
+    report.update(report["summary"])  # the headline figures at the top level too
     print_table(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_json(report, args.json)
     return report
 
 

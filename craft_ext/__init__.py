@@ -1,45 +1,16 @@
 """craft_ext: constrained retention fine-tuning (CRaFT) for vision-language-action policies.
 
-Importing the package never fails because the compiled extension is missing: the pure-Python parts
-(references, configs) keep working, and anything that needs the kernels raises an error that says
-how to build them.
+Where things are (docs/architecture.md, "Where things go"): the CLIs (train, eval,
+build_anchor_cache, demo) and their configs at the top; trainer/ (the run), baselines/ (the methods
+CRaFT is compared with), evaluation/ (measures, tables); engine/ (the step's maths); anchors/ (the
+cache); policies/ (adapters, toy types); ops.py (the custom ops) over the compiled extension.
 """
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (loads libtorch before the extension that links against it)
-
-try:
-    from . import _C  # registers the torch.ops.craft kernels
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    _C = None
-    _EXTENSION_ERROR: str | None = (
-        f"craft_ext's compiled extension (craft_ext._C) could not be loaded: {exc}. "
-        "Build it with the install command in the README (pip install --no-build-isolation -e .)."
-    )
-else:
-    _EXTENSION_ERROR = None
+from . import ops
+from .extension import build_info, extension_available, require_extension
 
 __version__ = "0.1.0"
-
-
-def extension_available() -> bool:
-    """True when the compiled kernels are loaded."""
-    return _C is not None
-
-
-def require_extension() -> None:
-    """Raise a RuntimeError explaining how to build the extension if it is missing."""
-    if _EXTENSION_ERROR is not None:
-        raise RuntimeError(_EXTENSION_ERROR)
-
-
-def build_info() -> dict:
-    """How the extension was built: torch version, whether CUDA kernels are compiled in, archs."""
-    require_extension()
-    return dict(_C.build_info())
-
-
-from . import ops  # noqa: E402  (registers fake kernels and autograd once _C is loaded)
 
 __all__ = ["build_info", "extension_available", "require_extension", "ops", "__version__"]

@@ -7,7 +7,8 @@
 Frames come from lerobot's LeRobotDataset and go through the checkpoint's own saved preprocessor,
 so the stored inputs are exactly what training feeds the policy. Re-running the same command resumes
 an interrupted build; other settings on an existing cache need --overwrite=true. Exit status: 0 on
-success, 1 on bad input or a failed self-check (with a message on stderr).
+success, 1 on bad input or a failed self-check (with a message on stderr), 2 on a flag given twice or
+unknown.
 """
 
 # (no `from __future__ import annotations`: lerobot's parser.wrap reads the config class from the
@@ -19,37 +20,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-import craft_ext
-
-from craft_ext.cli_logging import quiet_policy_load, quiet_video_backend_warning, setup_cli_logging
-
-quiet_video_backend_warning()
-
-from lerobot.configs import parser
-from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
-from lerobot.datasets.factory import resolve_delta_timestamps
-from lerobot.utils.collate import lerobot_collate_fn
-
-from .anchors.teacher import select_anchor_frames, write_shards
-from .retention import check_teacher_reproduces
-from .anchors.manifest import (
-    HIDDEN_DTYPES,
-    POOLING_MODES,
-    AnchorCacheError,
-    BuildSettings,
-    HiddenInfo,
-    SourceInfo,
-    TeacherInfo,
-    sha256_file,
-)
-from .anchors.reader import AnchorCache
-from .data import dataset_errors, require_dataset_root
-from .anchors.writer import AnchorCacheWriter
-from .policies import make_adapter
-from .policies.loading import load_policy, load_processors
+from craft_ext.utils.cli_args import help_page, help_requested
 
 
 @dataclass
@@ -72,6 +43,14 @@ class BuildAnchorCacheConfig:
     seed: int = 0  # seed of the anchor-frame selection
     layers: str = "-2,-1"  # comma-separated; negative counts from the last layer
     pooling: str = "pooled"  # pooled (2 vectors per layer) | tokens (every prefix token, masked)
+    # what of the action path is anchored besides the prefix: default (the policy's: README, "Supported
+    # policies") | none | comma-separated terms: velocity,expert (pi0, pi0.5), action_tokens (pi0-fast)
+    action_path: str = "default"
+    expert_layers: str = "-1"  # the action expert's layers of the expert term; negative counts from the last
+    noise_seed: int = 0  # seed of each anchor row's recorded flow-matching noise and time (velocity, expert)
+    # weight of each retention term, e.g. prefix=1,velocity=1 (L_ret = sum w_k L_k / sum w_k); default:
+    # the policy's; terms not named weigh 1. --craft.term_weights overrides them for a run
+    term_weights: str = "default"
     dtype: str = "bfloat16"  # storage dtype of the hidden states: float16 | bfloat16 | float32
     shard_size: int = 256  # rows per shard file
     batch_size: int = 8  # frames per teacher forward pass
@@ -94,6 +73,8 @@ class BuildAnchorCacheConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         self.layer_list()
+        self.action_terms(None)
+        self.weights(None)
         if self.check and not craft_ext.extension_available():
             raise ValueError("the self-check needs craft_ext's compiled extension: build it, or pass --check=false")
 
@@ -108,11 +89,90 @@ class BuildAnchorCacheConfig:
         return layers
 
 
+    def action_terms(self, policy_type: str | None) -> list[str]:
+        """The --action_path terms (the policy's default for "default"; `policy_type` None: syntax only)."""
+        text = self.action_path.strip()
+        if text == "default":
+            return [] if policy_type is None else list(POLICIES[policy_type].default_action_path)
+        terms = [] if text in ("none", "") else [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [t for t in terms if t not in ACTION_TERMS]
+        if unknown or len(set(terms)) != len(terms):
+            raise ValueError(
+                f"--action_path must be default, none or distinct terms of {','.join(ACTION_TERMS)}, got {self.action_path!r}"
+            )
+        return [t for t in ACTION_TERMS if t in terms]
+
+    def weights(self, policy_type: str | None) -> dict[str, float] | None:
+        """--term_weights as {term: weight} (None for "default" without a policy type)."""
+        text = self.term_weights.strip()
+        if text == "default":
+            return None if policy_type is None else dict(POLICIES[policy_type].default_term_weights)
+        return parse_term_weights(text, "--term_weights")
+
+
+# `python -m craft_ext.build_anchor_cache --help` ends here: the options above are the whole page, and
+# what follows imports lerobot, which takes seconds.
+if __name__ == "__main__" and help_requested(sys.argv[1:]):
+    print(help_page(BuildAnchorCacheConfig, __doc__))
+    sys.exit(0)
+
+import torch
+
+import craft_ext
+from craft_ext.utils.cli_args import cli_usage_errors
+from craft_ext.utils.cli_logging import progress, quiet_policy_load, quiet_video_backend_warning, setup_cli_logging
+from craft_ext.utils.run_lock import lock_directory
+
+quiet_video_backend_warning()
+
+from lerobot.configs import parser
+from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.datasets.factory import resolve_delta_timestamps
+from lerobot.utils.collate import lerobot_collate_fn
+
+from .anchors.manifest import (
+    ACTION_TERMS,
+    HIDDEN_DTYPES,
+    POOLING_MODES,
+    ActionPathInfo,
+    AnchorCacheError,
+    BuildSettings,
+    HiddenInfo,
+    SourceInfo,
+    TeacherInfo,
+    parse_term_weights,
+    sha256_file,
+)
+from .anchors.reader import AnchorCache
+from .anchors.teacher import select_anchor_frames, write_shards
+from .anchors.writer import AnchorCacheWriter
+from .engine.retention import check_teacher_reproduces
+from .policies import POLICIES, make_adapter
+from .policies.loading import check_policy_folder, load_policy, load_processors
+from .utils.data import dataset_errors, require_dataset_root
+
+
 def build(cfg: BuildAnchorCacheConfig) -> Path:
+    """Build (or resume) the cache described by ``cfg``, holding its directory's lock (a second build
+    into the same directory is refused, naming the first); returns its directory."""
+    cfg.validate()
+    with lock_directory(cfg.output_dir, lock_file=cache_lock_file(cfg.output_dir)):
+        return _build(cfg)
+
+
+def cache_lock_file(output_dir: str | Path) -> Path:
+    """The lock of a cache directory, beside it: inside, it would make a new cache directory non-empty,
+    which the cache writer refuses."""
+    out = Path(output_dir)
+    return out.parent / f".{out.name}.lock"
+
+
+def _build(cfg: BuildAnchorCacheConfig) -> Path:
     """Build (or resume) the cache described by ``cfg``; returns its directory."""
     cfg.validate()
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy_dir = Path(cfg.policy.path).resolve()
+    check_policy_folder(cfg.policy.path)
     if not (policy_dir / "model.safetensors").is_file():
         raise ValueError(f"--policy.path={cfg.policy.path} is not a saved policy (no model.safetensors)")
 
@@ -129,6 +189,8 @@ def build(cfg: BuildAnchorCacheConfig) -> Path:
         layers = adapter.resolve_layers(requested)
     except (IndexError, ValueError) as exc:
         raise ValueError(f"--layers={cfg.layers}: {exc}") from exc
+    action = _action_path(cfg, adapter)
+    weights = cfg.weights(adapter.policy_type)
     with dataset_errors(cfg.dataset.repo_id, cfg.dataset.root):
         dataset = LeRobotDataset(
             cfg.dataset.repo_id, root=cfg.dataset.root, delta_timestamps=resolve_delta_timestamps(policy.config, meta)
@@ -137,7 +199,7 @@ def build(cfg: BuildAnchorCacheConfig) -> Path:
     frames = select_anchor_frames(episodes, cfg.num_anchors, cfg.seed)
     preprocessor, _ = load_processors(policy_dir, device=device)
 
-    settings = _settings(cfg, policy_dir, adapter, layers, frames, [type(step).__name__ for step in preprocessor.steps])
+    settings = _settings(cfg, policy_dir, adapter, layers, frames, [type(step).__name__ for step in preprocessor.steps], action)
     writer = AnchorCacheWriter(cfg.output_dir, settings, overwrite=cfg.overwrite)
     collate = lerobot_collate_fn if dataset.meta.has_language_columns else None
 
@@ -153,7 +215,7 @@ def build(cfg: BuildAnchorCacheConfig) -> Path:
 
     todo = sum(len(settings.shard_frames(k)) for k in writer.pending)
     start = time.perf_counter()
-    with tqdm(total=todo, unit="row", desc="anchor cache", disable=todo == 0) as bar:
+    with progress(todo, unit="row", desc="anchor cache", disable=todo == 0, every=max(1, todo // 10)) as bar:
         write_shards(writer, adapter, load_batches, progress=bar.update)
     elapsed = time.perf_counter() - start
     manifest = writer.finalize(
@@ -161,7 +223,8 @@ def build(cfg: BuildAnchorCacheConfig) -> Path:
             "batch_size": cfg.batch_size,
             "device": device,
             "versions": {name: version(name) for name in ("torch", "lerobot", "safetensors")},
-        }
+        },
+        term_weights=weights,
     )
     rate = f", {todo / elapsed:.1f} rows/s" if todo else " (already complete)"
     print(f"anchor cache: {manifest.num_rows} rows in {len(manifest.shards)} shards at {cfg.output_dir}{rate}")
@@ -171,7 +234,44 @@ def build(cfg: BuildAnchorCacheConfig) -> Path:
     return Path(cfg.output_dir)
 
 
-def _settings(cfg, policy_dir: Path, adapter, layers: list[int], frames: list[int], steps: list[str]) -> BuildSettings:
+def _action_path(cfg: BuildAnchorCacheConfig, adapter) -> ActionPathInfo:
+    """What of the action path the cache anchors (--action_path), refused in one line where the policy
+    has no such part (the action expert's terms on pi0-fast, the action tokens on pi0 / pi0.5)."""
+    terms = cfg.action_terms(adapter.policy_type)
+    lacking = [t for t in terms if t not in adapter.action_terms]
+    if lacking:
+        raise ValueError(
+            f"--action_path={cfg.action_path}: a {adapter.policy_type} policy has no {' or '.join(lacking)} to anchor "
+            f"(its action-path terms: {', '.join(adapter.action_terms) or 'none'})"
+        )
+    requested, expert_layers = [], []
+    if "expert" in terms:
+        requested = _int_list(cfg.expert_layers, "--expert_layers")
+        try:
+            expert_layers = adapter.resolve_expert_layers(requested)
+        except (IndexError, ValueError) as exc:
+            raise ValueError(f"--expert_layers={cfg.expert_layers}: {exc}") from exc
+    draws = adapter.flow_draws() if terms else None
+    noise_shape, time_distribution = draws if draws is not None else ([], {})
+    return ActionPathInfo(
+        terms=terms, expert_layers=expert_layers, expert_layers_requested=requested,
+        noise_seed=cfg.noise_seed if draws is not None else None, time_distribution=time_distribution, noise_shape=noise_shape,
+    )
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.strip().removeprefix("[").removesuffix("]").split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers like -2,-1, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{flag} must name at least one layer, each once, got {text!r}")
+    return values
+
+
+def _settings(
+    cfg, policy_dir: Path, adapter, layers: list[int], frames: list[int], steps: list[str], action: ActionPathInfo
+) -> BuildSettings:
     """Everything that defines the cache's content (what a resumed build must match)."""
     return BuildSettings(
         teacher=TeacherInfo(
@@ -192,15 +292,26 @@ def _settings(cfg, policy_dir: Path, adapter, layers: list[int], frames: list[in
             "files_sha256": {p.name: sha256_file(p) for p in sorted(policy_dir.glob("policy_preprocessor*"))},
         },
         shard_size=cfg.shard_size,
+        action=action,
     )
 
 
+def main() -> int:
+    """The CLI: `--help` (without lerobot's parser), then lerobot's parser around `_main` (a flag given
+    twice or an unknown flag: an error line and a hint, status 2)."""
+    if help_requested(sys.argv[1:]):
+        print(help_page(BuildAnchorCacheConfig, __doc__))
+        return 0
+    with cli_usage_errors("python -m craft_ext.build_anchor_cache"):
+        return _main()
+
+
 @parser.wrap()
-def main(cfg: BuildAnchorCacheConfig) -> int:
+def _main(cfg: BuildAnchorCacheConfig) -> int:
     setup_cli_logging()
     try:
         build(cfg)
-    except (AnchorCacheError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (AnchorCacheError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

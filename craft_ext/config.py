@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CraftConfig", "L2SPConfig", "ReplayConfig"]
+__all__ = ["CraftConfig", "HELP_SECTIONS", "L2SPConfig", "ReplayConfig"]
 
 #: --craft.sharding
 SHARDING_MODES = ("none", "fsdp2")
@@ -43,6 +43,10 @@ class CraftConfig:
     # Distance between student and cached teacher hidden states: normalized_mse (MSE / the teacher's
     # per-layer variance, so epsilon=0.05 means 5 percent of that variance), mse, or cosine.
     distance: str = "normalized_mse"
+    # Weights of the retention loss's terms, e.g. prefix=1,velocity=2: L_ret = sum w_k L_k / sum w_k over
+    # the terms the cache anchors (prefix; velocity, expert: pi0 / pi0.5; action_tokens: pi0-fast).
+    # null = the weights recorded in the cache (build_anchor_cache --term_weights).
+    term_weights: str | None = None
     # Dual controller of lambda: ascent (projected dual ascent), pi (nuPI, damps oscillation), or fixed
     # (lambda stays --craft.lambda_init: the fixed-weight penalty baseline; with --craft.project=never it
     # is plain L_task + lambda * L_ret).
@@ -86,8 +90,15 @@ class CraftConfig:
     # the backward runs (data parallel); fsdp2 = the policy, T, R and the optimizer state are divided
     # over the processes (FSDP2), for a model that does not fit one GPU with both gradients.
     sharding: str = "none"
-    # Data parallel: MB of gradient per all-reduce bucket, started as soon as its gradients are ready.
+    # MB of gradient per bucket: T and R are allocated bucket by bucket as their backward reaches them
+    # (and freed after the optimizer step and after the surgery), and with several processes (data
+    # parallel) each bucket's all-reduce starts as soon as its gradients are ready.
     bucket_mb: float = 25.0
+    # torch's fused AdamW / Adam kernel for lerobot's adamw / adam optimizer (lerobot's own config has no
+    # such option): the same update to rounding, one kernel per step instead of the for-each path's
+    # chain, and no parameter-sized temporary (the for-each path allocates one at the step's end).
+    # null = on for CUDA, off elsewhere (on the CPU torch's default is a per-parameter loop).
+    fused_adamw: bool | None = None
     # Seconds a process waits for the others in a collective before the run stops with an error (a
     # process died or hangs); longer than the slowest checkpoint write.
     dist_timeout_s: float = 600.0
@@ -95,15 +106,21 @@ class CraftConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad `--craft.*` value (before anything is built)."""
         # imported here: they load the anchor-cache and policy modules, which `--help` does not need
-        from .dual import CONTROLLERS, SCHEDULES
-        from .retention import DISTANCES
-        from .surgery import MODES, PROJECT_MODES
+        from .engine.dual import CONTROLLERS, SCHEDULES
+        from .engine.retention import DISTANCES
+        from .engine.surgery import MERGES, PROJECT_MODES
 
         _choice("distance", self.distance, DISTANCES)
-        _choice("controller", self.controller, CONTROLLERS)
+        if self.term_weights is not None:
+            from .anchors.manifest import parse_term_weights
+
+            parse_term_weights(self.term_weights, "--craft.term_weights")
+        _choice("controller", self.controller, (*CONTROLLERS, "fixed"))  # fixed: craft_ext.baselines.fixed_penalty
         _choice("epsilon_schedule", self.epsilon_schedule, SCHEDULES)
-        _choice("merge", self.merge, MODES)
-        counts = ("anchor_batch_size", "anchor_prefetch", "retention_every", "gradient_accumulation_steps", "max_consecutive_skips")
+        _choice("merge", self.merge, MERGES)
+        counts = (
+            "anchor_batch_size", "anchor_prefetch", "retention_every", "gradient_accumulation_steps", "max_consecutive_skips",
+        )
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"--craft.{name}={getattr(self, name)}: expected an integer >= 1")
@@ -181,7 +198,9 @@ class ReplayConfig:
         sources = self.repo_id is not None or self.root is not None or self.frames_from_cache is not None
         if not self.enabled:
             if sources:
-                raise ValueError("--replay.repo_id/root/frames_from_cache given, but --replay.fraction=0: set the fraction to replay")
+                raise ValueError(
+                    "--replay.repo_id/root/frames_from_cache given, but --replay.fraction=0: set the fraction to replay"
+                )
             return
         if self.frames_from_cache is not None and (self.repo_id is not None or self.root is not None):
             raise ValueError("--replay.frames_from_cache names the dataset itself: drop --replay.repo_id/root")
@@ -223,3 +242,12 @@ class L2SPConfig:
 def _choice(name: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"--craft.{name}={value!r}: expected one of {tuple(allowed)}")
+
+
+#: the option sections `python -m craft_ext.train --help` shows beyond lerobot's: (flag prefix, config
+#: class, title). A new baseline with options adds its section here.
+HELP_SECTIONS = (
+    ("craft", CraftConfig, 'CRaFT options (docs/architecture.md, "The step")'),
+    ("replay", ReplayConfig, "Replay of old datasets (a baseline, or with CRaFT)"),
+    ("l2sp", L2SPConfig, "L2-SP (a baseline: a pull toward the starting weights)"),
+)

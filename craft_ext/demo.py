@@ -3,8 +3,8 @@
 Offline, on the offline kit, in a few minutes on 2 CPU cores:
   1. two synthetic tasks that conflict: for the same state, task B's action is task A's negated, and only
      the prompt and the image colours tell them apart (craft_ext.offline_kit.datasets);
-  2. a tiny policy (pi0-fast by default; --policy_type pi0 or pi05) trained on A, and an anchor cache of its hidden states on A's frames (built with
-     the cache CLI's own `build`);
+  2. a tiny policy (pi0-fast by default; --policy_type pi0 or pi05) trained on A, and an anchor cache
+     of its hidden states on A's frames (built with the cache CLI's own `build`);
   3. fine-tuning on B twice from that model with the same seed, data order and steps: plain
      (`--craft.enable=false`) and CRaFT, both through `craft_ext.trainer.train`;
   4. task-A and task-B losses along the way, a table on stdout, report.json and report.png in the
@@ -41,16 +41,16 @@ from lerobot.datasets import LeRobotDatasetMetadata
 
 from .anchors.reader import AnchorCache
 from .build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
-from .cli_logging import quiet_policy_load, setup_cli_logging
 from .config import CraftConfig
-from .measures import EvalSet, mean_task_loss, load_eval_set, retention_on_cache
+from .evaluation.measures import EvalSet, load_eval_set, mean_task_loss, retention_on_cache
+from .evaluation.report import demo_table, plot_demo
 from .offline_kit.build import KIT_POLICY_TYPES, KitLayout, KitSettings, build_kit
 from .offline_kit.datasets import TASK_A, TASK_B
 from .policies.loading import load_policy, load_processors
-from .report import demo_table, plot_demo
 from .train_config import CraftTrainPipelineConfig
 from .trainer import train
 from .trainer.metrics import read_metrics
+from .utils.cli_logging import quiet_policy_load, setup_cli_logging
 
 RUNS = ("plain", "craft")
 #: the evaluation set of task A's training frames that are not anchors (see `eval_sets`)
@@ -167,6 +167,8 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     plot_demo({name: read_metrics(runs[name]["metrics"]) for name in RUNS}, bench.before, out / "report.png")
     print()
     print(demo_table(report))
+    if settings.policy_type in ("pi0", "pi05"):  # until the action path is anchored (issue 19): then remove this line
+        print("note: CRaFT anchors the prefix (images + prompt) only; pi0/pi0.5 act through the action expert, which is not anchored yet, so task-A actions are not expected to be retained")  # noqa: E501
     print(f"\nreport: {out / 'report.json'}\nplot:   {out / 'report.png'}")
     return report
 
@@ -196,7 +198,7 @@ def settings_note(s: DemoSettings) -> str:
          "  and adapts it over tens of steps (a fast one drives lambda up in bursts, which on this toy slows task B and",
          "  protects task A no better); token pooling constrains this small model more than pooled vectors; a high",
          "  learning rate without warm-up makes plain fine-tuning forget task A visibly."]
-    )  # fmt: skip
+    )
 
 
 def eval_sets(kit: KitLayout, anchor_frames: list[int], *, frames: int, seed: int) -> dict[str, EvalSet]:

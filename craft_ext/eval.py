@@ -7,8 +7,9 @@
         --old_tasks='[USER/old_task]' --anchor_cache=anchors/base --output_dir=outputs/eval
 
 For every model (the base first) and dataset: the task loss (pi0-fast: action-token cross-entropy;
-pi0, pi0.5: flow-matching MSE at seeded noise and times) on up to --max_frames frames, and the MSE of decoded action chunks against the dataset's (normalised units; frames whose
-tokens do not decode are counted, not scored). With --anchor_cache, the retention loss against the
+pi0, pi0.5: flow-matching MSE at seeded noise and times) on up to --max_frames frames, and the MSE of
+decoded action chunks against the dataset's (normalised units; frames whose tokens do not decode are
+counted, not scored). With --anchor_cache, the retention loss against the
 cached teacher. Relative to --base: per-dataset forgetting (loss - base loss; > 0 means worse) and
 backward transfer (the mean of base loss - loss over --old_tasks, by default every dataset; < 0 means
 forgetting). Writes eval.json and eval.png to --output_dir and prints a table.
@@ -22,24 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from craft_ext.cli_logging import quiet_policy_load, quiet_video_backend_warning, setup_cli_logging
-
-quiet_video_backend_warning()
-
-from lerobot.configs import parser
-from lerobot.datasets import LeRobotDatasetMetadata
-from lerobot.utils.constants import PRETRAINED_MODEL_DIR
-
-from .anchors.manifest import AnchorCacheError
-from .anchors.reader import AnchorCache
-from .anchors.validate import check_compatible
-from .data import dataset_errors, require_dataset_root
-from .measures import mean_task_loss, decoded_action_mse, finite_or_none, load_eval_set, retention_on_cache
-from .policies import make_adapter
-from .policies.loading import load_policy, load_processors
-from .report import eval_table, plot_eval
+from craft_ext.utils.cli_args import help_page, help_requested
 
 
 @dataclass
@@ -80,6 +64,33 @@ class EvalConfig:
             require_dataset_root(repo_id, root, flag=f"--datasets: {repo_id}")
 
 
+# `python -m craft_ext.eval --help` ends here: the options above are the whole page, and what follows
+# imports lerobot, which takes seconds.
+if __name__ == "__main__" and help_requested(sys.argv[1:]):
+    print(help_page(EvalConfig, __doc__))
+    sys.exit(0)
+
+import torch
+
+from craft_ext.utils.cli_args import cli_usage_errors
+from craft_ext.utils.cli_logging import quiet_policy_load, quiet_video_backend_warning, setup_cli_logging
+
+quiet_video_backend_warning()
+
+from lerobot.configs import parser
+from lerobot.datasets import LeRobotDatasetMetadata
+from lerobot.utils.constants import PRETRAINED_MODEL_DIR
+
+from .anchors.manifest import AnchorCacheError
+from .anchors.reader import AnchorCache
+from .anchors.validate import check_compatible
+from .evaluation.measures import decoded_action_mse, finite_or_none, load_eval_set, mean_task_loss, retention_on_cache
+from .evaluation.report import eval_table, plot_eval
+from .policies import make_adapter
+from .policies.loading import check_policy_folder, load_policy, load_processors
+from .utils.data import dataset_errors, require_dataset_root
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every model on every dataset (and the cache); write eval.json and eval.png."""
     cfg.validate()
@@ -101,13 +112,13 @@ def evaluate(cfg: EvalConfig) -> dict:
             frames = load_eval_set(
                 repo_id, repo_id, root, policy.config, preprocessor,
                 max_frames=cfg.max_frames, batch_size=cfg.batch_size, seed=cfg.seed,
-            )  # fmt: skip
+            )
             scores = {"frames": frames.frames, "task_loss": mean_task_loss(policy, frames, cfg.seed)}
             if cfg.decode_frames > 0:
                 subset = load_eval_set(
                     repo_id, repo_id, root, policy.config, preprocessor,
                     max_frames=cfg.decode_frames, batch_size=cfg.batch_size, seed=cfg.seed,
-                )  # fmt: skip
+                )
                 mse, decoded = decoded_action_mse(policy, subset, cfg.seed)
                 scores.update(action_mse=finite_or_none(mse), decoded=decoded, decode_frames=subset.frames)
             entry["datasets"][repo_id] = scores
@@ -140,6 +151,8 @@ def _model_dirs(cfg: EvalConfig) -> list[tuple[str, Path]]:
     out = []
     for label, raw in entries:
         path = Path(raw)
+        if not path.exists():
+            check_policy_folder(raw, "--base" if label == "base" else "--checkpoints")
         if (path / PRETRAINED_MODEL_DIR).is_dir():
             path = path / PRETRAINED_MODEL_DIR
         if not (path / "config.json").is_file():
@@ -177,9 +190,13 @@ def eval_cli(cfg: EvalConfig) -> dict:
 
 
 def main() -> int:
+    if help_requested(sys.argv[1:]):
+        print(help_page(EvalConfig, __doc__))
+        return 0
     setup_cli_logging()
     try:
-        report = eval_cli()
+        with cli_usage_errors("python -m craft_ext.eval"):  # a flag twice, an unknown flag: two lines, status 2
+            report = eval_cli()
     except (ValueError, FileNotFoundError, AnchorCacheError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

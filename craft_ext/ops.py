@@ -8,6 +8,11 @@ kernels against them.
 Semantics:
 - ``grad_stats(a, b)`` -> float32[3] = (a.b, a.a, b.b) over 1-D contiguous float32/bfloat16/float16
   buffers of equal length and dtype, accumulated in fp32 or better. Empty buffers give zeros.
+- ``grad_stats_pieces(a, b)`` -> float32[3]: ``grad_stats`` of the concatenations ``cat(a)`` and
+  ``cat(b)`` of two lists of such buffers (a[i] and b[i] of equal length; one dtype and device),
+  without concatenating them: gradient storage that comes in pieces. On the CPU the result is bitwise
+  that of ``grad_stats(cat(a), cat(b))`` (the same chunks, partials and order); on CUDA it equals it to
+  rounding (deterministic: partials per piece, summed in a fixed order).
 - ``grad_combine_(a, b, coef)``: a <- coef[0] * a + coef[1] * b in place, computed in fp32; coef is a
   float32[2] tensor (any strides) on a's device, read by the kernel (no host synchronisation).
 - ``hidden_mse(student, teacher, mask=None)`` -> float32[B]: per-sample mean of (student - teacher)^2
@@ -23,13 +28,15 @@ from typing import Optional
 
 import torch
 
-from . import _C, require_extension
+from .extension import _C, require_extension
 
 __all__ = [
     "grad_stats",
+    "grad_stats_pieces",
     "grad_combine_",
     "hidden_mse",
     "grad_stats_reference",
+    "grad_stats_pieces_reference",
     "grad_combine_reference",
     "hidden_mse_reference",
 ]
@@ -43,6 +50,11 @@ def grad_stats_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(a.b, a.a, b.b) computed in float64, returned as float32[3]."""
     a64, b64 = a.double(), b.double()
     return torch.stack([a64 @ b64, a64 @ a64, b64 @ b64]).float()
+
+
+def grad_stats_pieces_reference(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """``grad_stats_reference`` of the concatenated pieces."""
+    return grad_stats_reference(torch.cat(list(a)), torch.cat(list(b)))
 
 
 def grad_combine_reference(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -85,6 +97,14 @@ def _op(name: str):
 def grad_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """float32[3] = (a.b, a.a, b.b) in one fused pass, on a's device, no host sync."""
     return _op("grad_stats")(a, b)
+
+
+def grad_stats_pieces(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """float32[3] = ``grad_stats(cat(a), cat(b))`` without the concatenation (bitwise on the CPU)."""
+    a, b = list(a), list(b)
+    if not a:  # an empty list has no device to dispatch on
+        raise ValueError("craft: grad_stats_pieces needs at least one piece")
+    return _op("grad_stats_pieces")(a, b)
 
 
 def grad_combine_(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor) -> None:
@@ -177,6 +197,20 @@ if _C is not None:
     def _grad_stats_fake(a, b):
         _check_buffer_pair(a, b)
         return a.new_empty((3,), dtype=torch.float32)
+
+    @torch.library.register_fake("craft::grad_stats_pieces")
+    def _grad_stats_pieces_fake(a, b):
+        torch._check(len(a) >= 1, lambda: "craft: grad_stats_pieces needs at least one piece")
+        torch._check(
+            len(b) == len(a), lambda: f"craft: a and b must have the same number of pieces, got {len(a)} and {len(b)}"
+        )
+        for x, y in zip(a, b):
+            _check_buffer_pair(x, y)
+            torch._check(
+                x.dtype == a[0].dtype and x.device == a[0].device,
+                lambda: f"craft: every piece must have the dtype and device of the first ({a[0].dtype} on {a[0].device})",
+            )
+        return a[0].new_empty((3,), dtype=torch.float32)
 
     @torch.library.register_fake("craft::grad_combine_")
     def _grad_combine_fake(a, b, coef):

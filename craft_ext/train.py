@@ -23,7 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_logging import setup_cli_logging
+from .utils.cli_args import cli_usage_errors
+from .utils.cli_logging import setup_cli_logging
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -54,27 +55,22 @@ lerobot-train options (the common ones; --help-all lists all of them with lerobo
 
 
 def help_text() -> str:
-    """The `--help` page: usage, the common lerobot options, and every `--craft.*`, `--replay.*` and
-    `--l2sp.*` option with its description and default, rendered by draccus from the config field comments."""
-    from dataclasses import dataclass, field
+    """The `--help` page: usage, the common lerobot options, and every option of the sections in
+    `craft_ext.config.HELP_SECTIONS` (`--craft.*` and the baselines') with its description and default,
+    rendered by draccus from the config field comments."""
+    from dataclasses import field, make_dataclass
 
     from draccus.argparsing import ArgumentParser
 
-    from .config import CraftConfig, L2SPConfig, ReplayConfig
+    from .config import HELP_SECTIONS
 
-    @dataclass
-    class Sections:
-        craft: CraftConfig = field(default_factory=CraftConfig)
-        replay: ReplayConfig = field(default_factory=ReplayConfig)
-        l2sp: L2SPConfig = field(default_factory=L2SPConfig)
-
-    rendered = ArgumentParser(config_class=Sections).parser.format_help()
-    headings = ("CraftConfig ['craft']:", "ReplayConfig ['replay']:", "L2SPConfig ['l2sp']:")
-    titles = ('CRaFT options (docs/architecture.md, "The step")', "Replay of old datasets (a baseline, or with CRaFT)",
-              "L2-SP (a baseline: a pull toward the starting weights)")
-    starts = [rendered.index(h) for h in headings] + [len(rendered)]
+    sections = make_dataclass(
+        "Sections", [(name, cls, field(default_factory=cls)) for name, cls, _ in HELP_SECTIONS]
+    )
+    rendered = ArgumentParser(config_class=sections).parser.format_help()
+    starts = [rendered.index(f"{cls.__name__} ['{name}']:") for name, cls, _ in HELP_SECTIONS] + [len(rendered)]
     parts = [USAGE.rstrip()]
-    for title, start, end in zip(titles, starts, starts[1:]):
+    for (_, _, title), start, end in zip(HELP_SECTIONS, starts, starts[1:]):
         section = rendered[start:end]
         options = section[section.index("\n\n") + 2 :]  # after the section's heading and docstring
         parts.append(f"{title}:\n{options.rstrip()}")
@@ -95,7 +91,8 @@ def main() -> int:
         sys.argv = [sys.argv[0], "--help"]
     setup_cli_logging()
     try:
-        return _run()
+        with cli_usage_errors("python -m craft_ext.train"):  # a flag twice, an unknown flag: two lines, status 2
+            return _run()
     except KeyboardInterrupt:  # before the loop installs its handler, or during the final save
         print("interrupted: no step was saved since the last checkpoint", file=sys.stderr)
         return EXIT_SIGNAL["SIGINT"]
@@ -107,16 +104,25 @@ def _run() -> int:
     from .anchors.manifest import AnchorCacheError
     from .train_config import CraftTrainPipelineConfig
     from .trainer import NonFiniteTrainingError, TrainResult, train
+    from .trainer.checkpoint import CheckpointWriteError, is_disk_full
 
     @parser.wrap()
     def train_cli(cfg: CraftTrainPipelineConfig) -> TrainResult:
         return train(cfg)
 
-    user_errors = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, AnchorCacheError, NonFiniteTrainingError)
+    user_errors = (
+        ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, AnchorCacheError, NonFiniteTrainingError,
+        CheckpointWriteError,
+    )
     try:
         result = train_cli()
     except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk outside a checkpoint (metrics.jsonl): one line too
+        if not is_disk_full(exc):
+            raise
+        print(f"error: no space left on device: {exc}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") == "0":  # one summary per run (torchrun sets RANK)
         print(summary(result))
@@ -131,12 +137,13 @@ def summary(result) -> str:
     if result.stopped_by:
         if checkpoint is None:
             return f"stopped by {result.stopped_by} after step {result.steps}; no checkpoint (--save_checkpoint=false)"
-        config = checkpoint.parent / "last" / "pretrained_model" / "train_config.json"
+        from .trainer.output_dir import last_config, resume_command
+
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         launcher = f" (launched as this run was, {processes} processes)" if processes > 1 else ""
         return (
             f"stopped by {result.stopped_by} after step {result.steps}: checkpoint {checkpoint}; resume with: "
-            f"python -m craft_ext.train --resume=true --config_path={config}{launcher}"
+            f"{resume_command(last_config(checkpoint.parent.parent))}{launcher}"
         )
     return (
         f"done: steps {result.first_step + 1}..{result.steps} in {result.wall_time_s:.1f} s; "

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lerobot.configs import parser
 from lerobot.configs.train import TrainPipelineConfig
 
 from .config import CraftConfig, L2SPConfig, ReplayConfig
 from .policies import SUPPORTED_POLICY_TYPES
+from .policies.loading import policy_source_problem
 
 __all__ = ["CraftTrainPipelineConfig", "default_num_workers"]
 
@@ -43,7 +45,20 @@ class CraftTrainPipelineConfig(TrainPipelineConfig):
             raise ValueError(f"--steps={self.steps}: expected an integer >= 1")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"--num_workers={self.num_workers}: expected >= 0 (or leave it unset: chosen from the cores)")
-        super().validate()
+        # lerobot's "output_dir exists" check looks before anything is created: two runs started together
+        # both pass it. The trainer checks it atomically instead, when it takes the directory's lock
+        # (craft_ext.trainer.output_dir.hold_output_dir); lerobot skips the check for a non-Path value.
+        output_dir = self.output_dir
+        if isinstance(output_dir, Path):
+            self.output_dir = str(output_dir)
+        try:
+            super().validate()
+        finally:
+            if isinstance(self.output_dir, str):
+                self.output_dir = Path(self.output_dir)
+        # saved absolute in train_config.json: the printed resume command (an absolute --config_path) then
+        # resumes into this directory from any working directory, not into a namesake under the new one
+        self.output_dir = self.output_dir.absolute()
         if self.policy is not None and self.policy.type not in SUPPORTED_POLICY_TYPES:
             raise ValueError(
                 f"--policy.type={self.policy.type}: craft_ext.train supports {', '.join(SUPPORTED_POLICY_TYPES)}"
@@ -59,7 +74,17 @@ class CraftTrainPipelineConfig(TrainPipelineConfig):
         which makes lerobot demand a --policy.repo_id. This trainer never pushes, so for a policy given
         on the command line that default is switched off; an explicit --policy.push_to_hub=true stays,
         and `check_supported` refuses it."""
-        super()._resolve_pretrained_from_cli()
+        policy_path = parser.get_path_arg("policy")
+        problem = policy_source_problem(policy_path) if policy_path else None  # a local folder's problems
+        if problem is not None:
+            raise FileNotFoundError(problem)
+        try:
+            super()._resolve_pretrained_from_cli()
+        except Exception as exc:  # a hub id that could not be fetched: say which, and why, in words
+            problem = policy_source_problem(policy_path, exc) if policy_path else None
+            if problem is None:
+                raise
+            raise FileNotFoundError(problem) from exc
         from_command_line = parser.get_path_arg("policy") or parser.get_type_arg("policy")
         if self.policy is not None and from_command_line and parser.parse_arg("policy.push_to_hub") is None:
             self.policy.push_to_hub = False

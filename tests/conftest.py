@@ -1,4 +1,6 @@
-"""Shared test setup: offline Hugging Face caches and the offline kit, built once per session.
+"""Shared test setup: offline Hugging Face caches, and the fixtures several test modules use (the
+offline kit and an anchor cache of its policy, built once per session). Shared helper functions are
+in helpers.py.
 
 The environment variables are set at import time, before any test module imports transformers or
 lerobot: transformers reads HF_HOME when it is imported (it copies the FAST tokenizer's module into
@@ -40,6 +42,24 @@ def offline_kit_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("offline_kit")
     build_kit(root, log=lambda _msg: None)
     return root
+
+
+@pytest.fixture(scope="session")
+def kit(offline_kit_dir):
+    """The offline kit's paths (`KitLayout`): kit.policy, kit.datasets["task_a" | "task_b"], ... Read-only."""
+    from craft_ext.offline_kit.build import KitLayout
+
+    return KitLayout.at(offline_kit_dir)
+
+
+@pytest.fixture(scope="session")
+def anchor_cache(kit, tmp_path_factory) -> Path:
+    """A float32 anchor cache of the kit's policy on 16 frames of task A (pooled, layers -2,-1), built
+    once per session. Read-only: training, eval and replay only read a cache; tests that damage or
+    upgrade one copy it first."""
+    from helpers import build_cache
+
+    return build_cache(kit, tmp_path_factory.mktemp("train_anchors") / "cache", num_anchors=16)
 
 
 @pytest.fixture

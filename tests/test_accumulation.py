@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same_run, crash_then_resume, last_weights, losses, make_config
 from safetensors.torch import load_file
 
 from craft_ext.trainer import train
-
-from test_train import _CrashAt, anchor_cache, assert_same_run, kit, losses, make_config, run_cli  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not __import__("craft_ext").extension_available(), reason="compiled extension not built"
@@ -30,10 +29,6 @@ def accumulating(kit, output_dir, cache, *, batch_size: int, micro_batches: int,
     return config
 
 
-def weights(output_dir):
-    return load_file(output_dir / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
-
-
 def test_two_micro_batches_of_four_make_the_step_of_one_batch_of_eight(kit, anchor_cache, tmp_path, one_thread):
     train(accumulating(kit, tmp_path / "whole", anchor_cache, batch_size=8, micro_batches=1, steps=3))
     train(accumulating(kit, tmp_path / "split", anchor_cache, batch_size=4, micro_batches=2, steps=3))
@@ -46,14 +41,16 @@ def test_two_micro_batches_of_four_make_the_step_of_one_batch_of_eight(kit, anch
             # states: ~1e-5), except for cos(T, R) ~ 0 (a dot product with cancellation)
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6 if key == "cos" else 1e-12), (a["step"], key)
     assert split[-1]["lambda"] > 1.01  # the multiplier moved: the comparison covers the dual update
-    wa, wb = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    wa, wb = last_weights(tmp_path / "whole"), last_weights(tmp_path / "split")
     moved = [k for k in wa if not torch.equal(wa[k], load_file(kit.policy / "model.safetensors")[k])]
     assert moved  # training changed the weights, so equal weights mean equal steps
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_of_an_accumulating_run_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_path, one_thread, monkeypatch, capsys):
+def test_resume_of_an_accumulating_run_reproduces_the_uninterrupted_run(
+    kit, anchor_cache, tmp_path, one_thread, monkeypatch, capsys
+):
     """3 micro-batches of 2 frames: a resumed run must skip 6 frames per completed step (and 3 anchor
     batches per retention step) to continue on the data the uninterrupted run used."""
     full = accumulating(kit, tmp_path / "full", anchor_cache, batch_size=2, micro_batches=3, steps=4)
@@ -62,10 +59,7 @@ def test_resume_of_an_accumulating_run_reproduces_the_uninterrupted_run(kit, anc
 
     cut = accumulating(kit, tmp_path / "cut", anchor_cache, batch_size=2, micro_batches=3, steps=4)
     cut.save_freq = 2
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, probe=_CrashAt(3))
-    config_path = tmp_path / "cut" / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
-    code, _, err = run_cli(monkeypatch, capsys, "--resume=true", f"--config_path={config_path}")
+    code, _, err = crash_then_resume(cut, 3, monkeypatch, capsys)
     assert code == 0, err
     assert [r["step"] for r in losses(tmp_path / "cut")] == [1, 2, 3, 4]
     assert_same_run(tmp_path / "full", tmp_path / "cut", keys=COMPARED)

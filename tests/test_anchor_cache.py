@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_cache
 
 import craft_ext
 from craft_ext import ops
@@ -31,7 +32,7 @@ from craft_ext.anchors import (
 from craft_ext.anchors.manifest import FORMAT_VERSION, MANIFEST_NAME, shard_name
 from craft_ext.anchors.shards import row_checksums, shard_tensors
 from craft_ext.anchors.writer import PROGRESS_NAME
-from craft_ext.retention import row_distance
+from craft_ext.engine.retention import row_distance
 
 needs_kernels = pytest.mark.skipif(not craft_ext.extension_available(), reason="compiled extension not built")
 
@@ -115,7 +116,7 @@ def test_manifest_records_settings_and_teacher_statistics(tmp_path, pooling):
     settings = make_settings(pooling=pooling)
     write_cache(tmp_path, settings)
     manifest = read_manifest(tmp_path)
-    assert manifest.format_version == FORMAT_VERSION == 2
+    assert manifest.format_version == FORMAT_VERSION == 3
     assert manifest.settings.to_json() == settings.to_json()
     assert manifest.num_rows == 10 and [s.rows for s in manifest.shards] == [4, 4, 2]
     assert manifest.num_vectors == (2 if pooling == "pooled" else TOKENS)
@@ -129,7 +130,7 @@ def test_manifest_records_settings_and_teacher_statistics(tmp_path, pooling):
         assert manifest.layer_mean[layer] == pytest.approx(vecs.mean().item(), rel=1e-9)
         assert manifest.layer_var[layer] == pytest.approx(vecs.var(dim=0, unbiased=False).mean().item(), rel=1e-9)
     raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    assert raw["format_version"] == 2
+    assert raw["format_version"] == 3
     assert raw["settings"]["hidden"]["layers_requested"] == [-2, -1]
     # each row's hash over its bytes in every stored tensor, 16 hex digits per row
     for k, record in enumerate(manifest.shards):
@@ -429,13 +430,6 @@ def test_row_distance_bad_input():
 
 
 @pytest.fixture(scope="module")
-def kit(offline_kit_dir):
-    from craft_ext.offline_kit.build import KitLayout
-
-    return KitLayout.at(offline_kit_dir)
-
-
-@pytest.fixture(scope="module")
 def teacher(kit):
     from craft_ext.policies import make_adapter
     from craft_ext.policies.loading import load_policy
@@ -444,18 +438,9 @@ def teacher(kit):
     return policy, make_adapter(policy)
 
 
-def build_tiny(kit, out: Path, pooling: str, **overrides) -> Path:
-    from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
-
-    options = dict(num_anchors=16, shard_size=6, batch_size=4, dtype="float32", device="cpu", check=False)
-    cfg = BuildAnchorCacheConfig(
-        policy=PolicySource(str(kit.policy)),
-        dataset=DatasetSource("task_a", str(kit.datasets["task_a"])),
-        output_dir=str(out),
-        pooling=pooling,
-        **{**options, **overrides},
-    )
-    return build(cfg)
+def build_tiny(kit, out: Path, pooling: str) -> Path:
+    """16 anchors of the kit's teacher in shards of 6 (three shards, the last one partial)."""
+    return build_cache(kit, out, num_anchors=16, pooling=pooling, shard_size=6, batch_size=4, device="cpu")
 
 
 @pytest.fixture(scope="module", params=["pooled", "tokens"])
@@ -465,7 +450,7 @@ def tiny_cache(request, kit, tmp_path_factory):
 
 @needs_kernels
 def test_teacher_reproduces_its_cache_on_every_row(tiny_cache, teacher):
-    from craft_ext.retention import retention_loss, retention_per_row
+    from craft_ext.engine.retention import retention_loss, retention_per_row
 
     _, adapter = teacher
     cache = AnchorCache(tiny_cache)
@@ -489,8 +474,8 @@ def test_perturbed_student_loss_and_gradient_match_reference(tiny_cache, teacher
     import copy
 
     from craft_ext.anchors.features import anchor_features
+    from craft_ext.engine.retention import retention_loss
     from craft_ext.policies import make_adapter
-    from craft_ext.retention import retention_loss
 
     policy, _ = teacher
     student = copy.deepcopy(policy)

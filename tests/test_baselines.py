@@ -9,21 +9,21 @@ import json
 
 import pytest
 import torch
+from helpers import cli_args, crash_then_resume, last_config, last_weights, losses, make_config, resume, run_cli
 from safetensors.torch import load_file
 
 from craft_ext.anchors.reader import AnchorCache
+from craft_ext.baselines.fixed_penalty import FixedPenalty
+from craft_ext.baselines.l2sp import L2SP, START_FILE
 from craft_ext.config import ReplayConfig
-from craft_ext.dual import LagrangeMultiplier
-from craft_ext.surgery import GradBuffers
+from craft_ext.engine.grad_buffers import GradBuffers
+from craft_ext.engine.step import CraftStep
 from craft_ext.trainer import train
-from craft_ext.trainer.l2sp import START_FILE, L2SP
-from craft_ext.trainer.step import CraftStep
-
-from test_train import _CrashAt, anchor_cache, cli_args, kit, losses, make_config, run_cli  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not __import__("craft_ext").extension_available(), reason="compiled extension not built"
 )
+
 
 def assert_same_plain_run(a, b) -> None:
     """Two runs without a constraint agree step by step and in their final weights (b was resumed)."""
@@ -32,14 +32,10 @@ def assert_same_plain_run(a, b) -> None:
     for x, y in zip(ra, rb, strict=True):
         for key in ("loss_task", "grad_norm", "task_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
-    wa, wb = weights(a), weights(b)
+    wa, wb = last_weights(a), last_weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
-
-
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / "last" / "pretrained_model" / "model.safetensors")
 
 
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -65,16 +61,16 @@ def seen_batches(monkeypatch):
 
 
 def test_fixed_controller_never_moves_lambda():
-    lam = LagrangeMultiplier(3.0, lr=100.0, max_value=10.0, controller="fixed")
+    lam = FixedPenalty(3.0, max_value=10.0)
     assert lam.update(5.0, 0.0) == 3.0 and lam.update(0.0, 5.0) == 3.0
-    restored = LagrangeMultiplier(3.0, lr=100.0, max_value=10.0, controller="fixed")
+    restored = FixedPenalty(3.0, max_value=10.0)
     restored.load_state_dict(lam.state_dict())
     assert restored.value == 3.0
 
 
 def test_fixed_penalty_trains_with_a_constant_lambda(kit, anchor_cache, tmp_path, one_thread):
     config = make_config(kit, tmp_path / "fixed", anchor_cache, steps=4, controller="fixed", lambda_init=3.0,
-                         lambda_lr=100.0, epsilon_start=0.0, epsilon_end=0.0, project="never")  # fmt: skip
+                         lambda_lr=100.0, epsilon_start=0.0, epsilon_end=0.0, project="never")
     result = train(config)
     records = losses(tmp_path / "fixed")
     assert all(r["loss_ret"] > 0 for r in records[1:])  # violated all along: ascent would raise lambda
@@ -86,7 +82,9 @@ def test_fixed_penalty_trains_with_a_constant_lambda(kit, anchor_cache, tmp_path
 # replay
 
 
-@pytest.mark.parametrize(("fraction", "batch_size", "expected"), [(0.25, 8, 2), (0.3, 8, 2), (0.3125, 8, 3), (0.5, 4, 2), (0.1, 5, 1)])
+@pytest.mark.parametrize(
+    ("fraction", "batch_size", "expected"), [(0.25, 8, 2), (0.3, 8, 2), (0.3125, 8, 3), (0.5, 4, 2), (0.1, 5, 1)]
+)
 def test_replay_frames_per_batch_round_half_up(fraction, batch_size, expected):
     assert ReplayConfig(fraction=fraction, repo_id="x").frames_per_batch(batch_size) == expected
 
@@ -107,7 +105,9 @@ def test_bad_replay_options_are_one_line_errors(kit, tmp_path, monkeypatch, caps
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_replay_mixes_the_anchor_frames_into_every_micro_batch(kit, anchor_cache, tmp_path, one_thread, seen_batches, micro_batches):
+def test_replay_mixes_the_anchor_frames_into_every_micro_batch(
+    kit, anchor_cache, tmp_path, one_thread, seen_batches, micro_batches
+):
     """fraction 0.25 of 4 frames: each micro-batch holds 3 task-B frames and 1 replayed task-A frame,
     and the replayed frames are exactly the cache's anchor frames, each once per pass over them."""
     steps = 4
@@ -150,12 +150,12 @@ def test_replay_resumes_exactly(kit, tmp_path, one_thread, seen_batches, monkeyp
     train(config("full"))
     full = [part["index"].tolist() for parts in seen_batches for part in parts]
     seen_batches.clear()
-    with pytest.raises(KeyboardInterrupt):
-        train(config("cut"), probe=_CrashAt(4))
-    seen_batches.clear()
-    config_path = tmp_path / "cut" / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
-    assert json.loads(config_path.read_text())["replay"]["fraction"] == 0.5
-    code, _, err = run_cli(monkeypatch, capsys, "--resume=true", f"--config_path={config_path}")
+
+    def before_resume(run_dir):
+        seen_batches.clear()  # the batches of the crashed run
+        assert json.loads(last_config(run_dir).read_text())["replay"]["fraction"] == 0.5
+
+    code, _, err = crash_then_resume(config("cut"), 4, monkeypatch, capsys, before_resume=before_resume)
     assert code == 0, err
     assert [part["index"].tolist() for parts in seen_batches for part in parts] == full[3:]
     assert_same_plain_run(tmp_path / "full", tmp_path / "cut")
@@ -205,7 +205,7 @@ def test_l2sp_with_a_huge_strength_barely_moves_the_weights(kit, tmp_path, one_t
     pulled = make_config(kit, tmp_path / "l2sp", None, steps=6)
     pulled.l2sp.strength = 1e6
     train(pulled)
-    moved = {name: distance(weights(tmp_path / name), start) for name in ("plain", "l2sp")}
+    moved = {name: distance(last_weights(tmp_path / name), start) for name in ("plain", "l2sp")}
     assert moved["l2sp"] < 0.2 * moved["plain"], moved
     saved = load_file(tmp_path / "l2sp" / START_FILE)  # the start, once, for a resumed run
     for name, tensor in saved.items():
@@ -220,14 +220,11 @@ def test_l2sp_resumes_toward_the_original_start(kit, tmp_path, one_thread, monke
         return c
 
     train(config("full"))
-    with pytest.raises(KeyboardInterrupt):
-        train(config("cut"), probe=_CrashAt(4))
-    config_path = tmp_path / "cut" / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
     start = tmp_path / "cut" / START_FILE
-    start.rename(tmp_path / "moved")
-    code, _, err = run_cli(monkeypatch, capsys, "--resume=true", f"--config_path={config_path}")
+    moved = tmp_path / "moved"
+    code, _, err = crash_then_resume(config("cut"), 4, monkeypatch, capsys, before_resume=lambda _run: start.rename(moved))
     assert code != 0 and START_FILE in err and "Traceback" not in err, err
-    (tmp_path / "moved").rename(start)
-    code, _, err = run_cli(monkeypatch, capsys, "--resume=true", f"--config_path={config_path}")
+    moved.rename(start)
+    code, _, err = resume(monkeypatch, capsys, tmp_path / "cut")
     assert code == 0, err
     assert_same_plain_run(tmp_path / "full", tmp_path / "cut")

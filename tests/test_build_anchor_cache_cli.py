@@ -23,13 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Cannot enable progress bars")
 
 
-@pytest.fixture(scope="module")
-def kit(offline_kit_dir):
-    from craft_ext.offline_kit.build import KitLayout
-
-    return KitLayout.at(offline_kit_dir)
-
-
 def base_args(kit, out) -> list[str]:
     return [
         f"--policy.path={kit.policy}",
@@ -44,9 +37,13 @@ def base_args(kit, out) -> list[str]:
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI in this process (lerobot's parser reads sys.argv); returns (exit code, output)."""
+    """Run the CLI in this process (lerobot's parser reads sys.argv); returns (exit code, output).
+    A flag in `args` replaces an earlier one of the same name (the tests override `base_args`): the CLI
+    refuses a flag given twice."""
     from craft_ext.build_anchor_cache import main
 
+    names = [a.split("=", 1)[0] for a in args]
+    args = [a for i, a in enumerate(args) if a.split("=", 1)[0] not in names[i + 1 :]]
     monkeypatch.setattr(sys, "argv", ["build_anchor_cache", *args])
     try:
         code = main()
@@ -112,15 +109,21 @@ def test_rerun_is_a_noop_and_other_settings_need_overwrite(kit, cli_cache, tmp_p
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--num_anchors=100000"], f"num_anchors must be between 1 and the dataset's {KitSettings().episodes * KitSettings().frames} frames"),
+        (
+            ["--num_anchors=100000"],
+            f"num_anchors must be between 1 and the dataset's {KitSettings().episodes * KitSettings().frames} frames",
+        ),
         (["--layers=5"], "--layers=5: layer index 5 is out of range"),
         (["--layers=-3"], "layer index -3 is out of range"),
         (["--layers=a,b"], "--layers must be comma-separated integers"),
         (["--pooling=mean"], "--pooling must be one of pooled|tokens"),
         (["--dtype=int8"], "--dtype must be one of float16|bfloat16|float32"),
         (["--shard_size=0"], "--shard_size must be >= 1"),
-        (["--dataset.root=/nonexistent/dataset"], "--dataset.root=/nonexistent/dataset (repo_id task_a) is not a LeRobot dataset"),
-        (["--policy.path=/nonexistent/policy"], "is not a saved policy"),
+        (
+            ["--dataset.root=/nonexistent/dataset"],
+            "--dataset.root=/nonexistent/dataset (repo_id task_a) is not a LeRobot dataset",
+        ),
+        (["--policy.path=/nonexistent/policy"], "--policy.path=/nonexistent/policy: the folder /nonexistent/policy does not"),
     ],
 )
 def test_bad_options_exit_nonzero_and_write_nothing(kit, tmp_path, monkeypatch, capsys, args, message):

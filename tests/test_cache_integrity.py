@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_args
+from helpers import run_cli as run_train
 
 import craft_ext
 from craft_ext.anchors import AnchorCache, AnchorCacheError, read_manifest
@@ -29,13 +31,6 @@ from craft_ext.trainer.checks import STUDENT_AT_TEACHER_TOLERANCE, check_student
 pytestmark = pytest.mark.skipif(not craft_ext.extension_available(), reason="compiled extension not built")
 
 ROWS, SHARD_SIZE = 12, 5  # shards of 5, 5 and 2 rows
-
-
-@pytest.fixture(scope="module")
-def kit(offline_kit_dir):
-    from craft_ext.offline_kit.build import KitLayout
-
-    return KitLayout.at(offline_kit_dir)
 
 
 def run_cli(main, argv: list[str], capsys=None) -> tuple[int, str]:
@@ -217,10 +212,11 @@ def test_v1_cache_loads_with_one_warning_and_upgrades_in_place(kit, cache_dir, t
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["models"]["base"]["retention_loss"] <= 1e-6  # the teacher on its own v1 cache
 
-    assert run_cli(upgrade_main, ["upgrade", str(cache)], capsys) == (0, f"{cache}: upgraded to format v2 ({ROWS} rows checksummed)\n")
+    upgraded = run_cli(upgrade_main, ["upgrade", str(cache)], capsys)
+    assert upgraded == (0, f"{cache}: upgraded to format v3 ({ROWS} rows checksummed)\n")
     assert json.loads((cache / MANIFEST_NAME).read_text()) == v2  # the same checksums the writer recorded
     code, text = run_cli(upgrade_main, ["upgrade", str(cache)], capsys)
-    assert code == 0 and "already format v2, nothing to do" in text
+    assert code == 0 and "already format v3, nothing to do" in text
     corrupt_row(cache / shard_name(0), row=4)
     with pytest.raises(AnchorCacheError, match=re.escape(shard_name(0)) + r" row 4 \(cache row 4\)"):
         AnchorCache(cache).gather([4])
@@ -341,9 +337,9 @@ def test_other_tokenizers_are_refused_even_at_the_cached_names(kit, cache_dir, t
 def test_student_matches_teacher_check(kit, tmp_path, capsys):
     """Real numbers on the kit: the teacher on its own bfloat16 cache (the CLI's default storage) is
     far below the tolerance; a student whose weights moved is far above it."""
+    from craft_ext.engine.retention import retention_loss
     from craft_ext.policies import make_adapter
     from craft_ext.policies.loading import load_policy
-    from craft_ext.retention import retention_loss
 
     cache = AnchorCache(build_cli(kit, tmp_path / "bf16", capsys, dtype="bfloat16"))
     manifest = cache.manifest
@@ -375,18 +371,18 @@ def test_training_warns_when_the_student_is_not_the_caches_teacher(kit, cache_di
     it whose weights moved logs one warning line naming the teacher (and still trains)."""
     from safetensors.torch import load_file, save_file
 
-    from test_train import cli_args
-    from test_train import run_cli as run_train
-
     moved = tmp_path / "moved_policy"
     shutil.copytree(kit.policy, moved)
     weights = load_file(moved / "model.safetensors")
     g = torch.Generator().manual_seed(0)
     save_file({k: v * (1 + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in weights.items()},
-              moved / "model.safetensors")  # fmt: skip
+              moved / "model.safetensors")
 
     for policy, expect_warning in ((kit.policy, False), (moved, True)):
-        args = [a if not a.startswith("--policy.path=") else f"--policy.path={policy}" for a in cli_args(kit, tmp_path / f"run_{policy.name}", cache_dir, 1)]
+        args = [
+            a if not a.startswith("--policy.path=") else f"--policy.path={policy}"
+            for a in cli_args(kit, tmp_path / f"run_{policy.name}", cache_dir, 1)
+        ]
         code, out, err = run_train(monkeypatch, capsys, *args)
         assert code == 0, err
         warned = [line for line in (out + err).splitlines() if "does not start at the anchor cache's teacher" in line]

@@ -24,16 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import craft_ext
-from craft_ext.distributed import (
-    BucketReducer,
-    broadcast_parameters_,
-    check_replicas_agree,
-    distributed_surgery_,
-    fsdp_sum_gradients,
-    loss_shares,
-)
-from craft_ext.dual import LagrangeMultiplier
-from craft_ext.surgery import GradBuffers, surgery_
+from craft_ext.engine.distributed import BucketReducer, distributed_surgery_, loss_shares
+from craft_ext.engine.dual import LagrangeMultiplier
+from craft_ext.engine.grad_buffers import GradBuffers
+from craft_ext.engine.surgery import surgery_
+from craft_ext.trainer.sharding import broadcast_parameters_, check_replicas_agree, fsdp_sum_gradients
 
 pytestmark = pytest.mark.skipif(
     not (craft_ext.extension_available() and dist.is_available()), reason="needs craft_ext._C and torch.distributed"
@@ -44,8 +39,8 @@ STEPS = 3
 EPSILON = 0.05
 #: projection rules; the active one gets this step's (global) L_ret and EPSILON
 RULES = {
-    "active": {"project": "active", "mode": "weighted", "max_norm": 0.8},
-    "always": {"project": "always", "tau": 0.2, "mode": "weighted", "max_norm": 0.8},
+    "active": {"project": "active", "merge": "weighted", "max_norm": 0.8},
+    "always": {"project": "always", "tau": 0.2, "merge": "weighted", "max_norm": 0.8},
 }
 #: task rows of each rank's two micro-batches (of the step's 8): unequal shares, unequal micro-batches
 TASK_SPLIT = {0: [1, 2], 1: [2, 3]}
@@ -329,7 +324,7 @@ def test_overlap_benchmark_reports_every_mode(tmp_path):
     out = tmp_path / "report.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "dp_overlap.py"
     subprocess.run([sys.executable, str(script), "--layers", "3", "--width", "64", "--steps", "1", "--bucket-mb", "0.01",
-                    "--json", str(out)], check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
+                    "--json", str(out)], check=True, capture_output=True, text=True, timeout=300)
     report = json.loads(out.read_text())
     ms = report["median_ms"]
     assert set(ms) == {"compute", "after", "overlap", "comm"} and all(v > 0 for v in ms.values())

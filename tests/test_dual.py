@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from craft_ext.dual import LagrangeMultiplier, epsilon_schedule
+from craft_ext.baselines.fixed_penalty import FixedPenalty
+from craft_ext.engine.dual import LagrangeMultiplier, epsilon_schedule
 
 
 def _solve_toy(multiplier: LagrangeMultiplier, steps: int = 400, lr_x: float = 0.05):
@@ -132,3 +133,20 @@ def test_constant_schedule_and_cosine_shape():
 def test_bad_schedule_arguments_name_the_argument(args, match):
     with pytest.raises(ValueError, match=match):
         epsilon_schedule(*args)
+
+
+def test_fixed_penalty_holds_lambda_and_resumes_only_as_itself():
+    """The fixed-weight baseline (--craft.controller=fixed): lambda never moves, its state round-trips,
+    and a multiplier's state is refused (a run cannot switch method on resume)."""
+    fixed = FixedPenalty(0.7, max_value=5.0)
+    for loss in (0.0, 3.0, 100.0):
+        assert fixed.update(loss, epsilon=0.1) == 0.7
+    resumed = FixedPenalty(0.1, max_value=5.0)
+    resumed.load_state_dict(fixed.state_dict())
+    assert resumed.value == 0.7
+    with pytest.raises(ValueError, match="controller"):
+        resumed.load_state_dict(LagrangeMultiplier(controller="ascent").state_dict())
+    with pytest.raises(ValueError, match="finite"):
+        fixed.update(float("nan"), epsilon=0.1)
+    with pytest.raises(ValueError, match="controller"):
+        LagrangeMultiplier(controller="fixed")

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_cache
 
 from lerobot.configs import PreTrainedConfig
 from lerobot.configs.default import DatasetConfig
 
 import craft_ext
 from craft_ext import eval as craft_eval
-from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
 from craft_ext.config import CraftConfig
 from craft_ext.eval import EvalConfig, evaluate
-from craft_ext.offline_kit.build import KitLayout
 from craft_ext.train_config import CraftTrainPipelineConfig
 from craft_ext.trainer import train
 
@@ -29,20 +28,10 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def setup(offline_kit_dir, tmp_path_factory):
+def setup(kit, tmp_path_factory):
     """The kit's policy as base, a 2-step fine-tune of it on task B, and an anchor cache on task A."""
-    kit = KitLayout.at(offline_kit_dir)
     root = tmp_path_factory.mktemp("eval")
-    cache = build(
-        BuildAnchorCacheConfig(
-            policy=PolicySource(str(kit.policy)),
-            dataset=DatasetSource("task_a", str(kit.datasets["task_a"])),
-            output_dir=str(root / "cache"),
-            num_anchors=8,
-            dtype="float32",
-            check=False,
-        )
-    )
+    cache = build_cache(kit, root / "cache", num_anchors=8)
     policy = PreTrainedConfig.from_pretrained(kit.policy)
     policy.pretrained_path = kit.policy
     policy.push_to_hub = False
@@ -120,8 +109,16 @@ def test_cli_prints_a_table(setup, monkeypatch, capsys):
     "overrides, error, match",
     [
         ({}, ValueError, "nothing to evaluate: pass --checkpoints"),
-        ({"checkpoints": ["/no/such/ckpt"], "datasets": {"task_b": None}}, FileNotFoundError, "/no/such/ckpt is not a saved policy"),
-        ({"checkpoints": ["x"], "datasets": {"task_b": "/no/such/data"}}, FileNotFoundError, "--datasets: task_b=/no/such/data \\(repo_id task_b\\) is not a LeRobot dataset"),
+        (
+            {"checkpoints": ["/no/such/ckpt"], "datasets": {"task_b": None}},
+            FileNotFoundError,
+            "--checkpoints=/no/such/ckpt: the folder /no/such/ckpt does not exist",
+        ),
+        (
+            {"checkpoints": ["x"], "datasets": {"task_b": "/no/such/data"}},
+            FileNotFoundError,
+            "--datasets: task_b=/no/such/data \\(repo_id task_b\\) is not a LeRobot dataset",
+        ),
         ({"checkpoints": ["x"], "datasets": {"task_b": None}, "old_tasks": ["task_a"]}, ValueError, "--old_tasks \\['task_a'\\]"),
     ],
 )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import act_with_lerobot
 
 from lerobot.configs import PreTrainedConfig
 from lerobot.datasets import LeRobotDataset, LeRobotDatasetMetadata
@@ -25,13 +26,12 @@ from craft_ext import train as train_cli
 from craft_ext.anchors.manifest import AnchorCacheError
 from craft_ext.anchors.reader import AnchorCache
 from craft_ext.anchors.validate import check_compatible
-from craft_ext.measures import retention_on_cache
+from craft_ext.engine.retention import retention_loss
+from craft_ext.evaluation.measures import retention_on_cache
 from craft_ext.offline_kit.build import KitLayout, KitSettings, build_kit
 from craft_ext.policies import make_adapter
 from craft_ext.policies.loading import load_policy, load_processors
-from craft_ext.policies.pi0 import Pi05Adapter, Pi0Adapter
-from craft_ext.retention import retention_loss
-from test_train import act_with_lerobot
+from craft_ext.policies.pi0 import Pi0Adapter, Pi05Adapter
 
 POLICY_TYPES = ("pi0", "pi05")
 ADAPTERS = {"pi0": Pi0Adapter, "pi05": Pi05Adapter}
@@ -50,10 +50,11 @@ def kit(request, tmp_path_factory) -> KitLayout:
 
 @pytest.fixture(scope="module")
 def cache(kit, tmp_path_factory) -> Path:
-    """An anchor cache of the kit's policy on task A, through the cache CLI."""
+    """An anchor cache of the kit's policy on task A, through the cache CLI: the prefix only (the action path's
+    terms are tested in test_action_anchors.py)."""
     out = tmp_path_factory.mktemp("anchors") / "cache"
     args = [f"--policy.path={kit.policy}", "--dataset.repo_id=task_a", f"--dataset.root={kit.datasets['task_a']}",
-            f"--output_dir={out}", "--num_anchors=16", "--dtype=float32"]
+            f"--output_dir={out}", "--num_anchors=16", "--dtype=float32", "--action_path=none"]
     assert _main(cache_cli, args) == 0
     return out
 
@@ -71,8 +72,8 @@ def _main(module, args: list[str]) -> int:
 
 def _train_args(kit: KitLayout, cache: Path, out: Path, *extra: str, steps: int = 2) -> list[str]:
     return [f"--policy.path={kit.policy}", "--dataset.repo_id=task_b", f"--dataset.root={kit.datasets['task_b']}",
-            f"--output_dir={out}", f"--steps={steps}", f"--save_freq={steps}", "--batch_size=4", "--num_workers=0", f"--craft.anchor_cache={cache}",
-            "--craft.anchor_batch_size=4", *extra]
+            f"--output_dir={out}", f"--steps={steps}", f"--save_freq={steps}", "--batch_size=4", "--num_workers=0",
+            f"--craft.anchor_cache={cache}", "--craft.anchor_batch_size=4", *extra]
 
 
 def _batch(kit: KitLayout, policy_dir: Path, size: int = 3) -> dict:

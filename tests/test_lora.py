@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from helpers import build_cache, cli_args, crash_then_resume, last_weights, losses, make_config, never_trains, run_cli
 from safetensors.torch import load_file
 
 from lerobot.configs import PreTrainedConfig
@@ -20,12 +21,9 @@ from lerobot.datasets.factory import resolve_delta_timestamps
 from lerobot.policies import make_pre_post_processors
 from lerobot.policies.factory import make_policy
 
-from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
 from craft_ext.policies import make_adapter
 from craft_ext.policies.loading import load_policy, preprocessor_overrides
 from craft_ext.trainer import train
-
-from test_train import _CrashAt, _never_trains, anchor_cache, cli_args, kit, losses, make_config, run_cli  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not __import__("craft_ext").extension_available(), reason="compiled extension not built"
@@ -55,7 +53,8 @@ def test_lora_trains_only_its_adapters_from_the_base_models_cache(kit, anchor_ca
         frozen = {_base_key(n): p for n, p in policy.named_parameters() if not p.requires_grad}
         assert sorted(frozen) == sorted(base)  # every base weight is frozen, and only those
         seen[step] = {
-            "with_grad": sorted(n for n, p in policy.named_parameters() if p.grad is not None),
+            # what has a gradient: the trainable parameters (T is freed after each step, so no .grad is left)
+            "with_grad": sorted(n for n, p in policy.named_parameters() if p.requires_grad),
             "base_moved": [n for n, p in frozen.items() if not torch.equal(p.detach().cpu(), base[n])],
         }
         return {}
@@ -128,10 +127,7 @@ def test_lora_resume_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_pat
 
     cut = lora(make_config(kit, tmp_path / "cut", anchor_cache, steps=4, **tight()))
     cut.save_freq = 2
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, probe=_CrashAt(3))
-    config_path = tmp_path / "cut" / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
-    code, _, err = run_cli(monkeypatch, capsys, "--resume=true", f"--config_path={config_path}")
+    code, _, err = crash_then_resume(cut, 3, monkeypatch, capsys)
     assert code == 0, err
 
     a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
@@ -139,8 +135,8 @@ def test_lora_resume_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_pat
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss_task", "loss_ret", "lambda", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
-    wa = load_file(tmp_path / "full" / "checkpoints" / "last" / "pretrained_model" / "adapter_model.safetensors")
-    wb = load_file(tmp_path / "cut" / "checkpoints" / "last" / "pretrained_model" / "adapter_model.safetensors")
+    wa = last_weights(tmp_path / "full", "adapter_model.safetensors")
+    wb = last_weights(tmp_path / "cut", "adapter_model.safetensors")
     assert sorted(wa) == sorted(wb)
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
@@ -149,17 +145,7 @@ def test_lora_resume_reproduces_the_uninterrupted_run(kit, anchor_cache, tmp_pat
 @pytest.fixture(scope="module")
 def layer0_cache(kit, tmp_path_factory):
     """Anchors on the first of the tiny model's two language-model layers only."""
-    return build(
-        BuildAnchorCacheConfig(
-            policy=PolicySource(str(kit.policy)),
-            dataset=DatasetSource("task_a", str(kit.datasets["task_a"])),
-            output_dir=str(tmp_path_factory.mktemp("layer0") / "cache"),
-            num_anchors=4,
-            layers="0",
-            dtype="float32",
-            check=False,
-        )
-    )
+    return build_cache(kit, tmp_path_factory.mktemp("layer0") / "cache", num_anchors=4, layers="0")
 
 
 @pytest.mark.parametrize(
@@ -170,7 +156,7 @@ def layer0_cache(kit, tmp_path_factory):
     ],
 )
 def test_adapters_that_cannot_reach_the_anchored_layers_are_refused(kit, layer0_cache, tmp_path, monkeypatch, capsys, targets):
-    _never_trains(monkeypatch)
+    never_trains(monkeypatch)
     args = cli_args(kit, tmp_path / "run", layer0_cache, 1)
     code, _, err = run_cli(monkeypatch, capsys, *args, "--peft.method_type=LORA", f"--peft.target_modules={targets}")
     assert code == 1

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_cache
 from safetensors.torch import load_file
 
 import craft_ext
 from craft_ext import train as train_module
 from craft_ext.anchors.reader import AnchorCache, AnchorSampler
 from craft_ext.anchors.writer import AnchorCacheWriter
-from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
 from craft_ext.offline_kit.build import KitLayout
 from craft_ext.trainer.metrics import read_metrics
 
@@ -61,20 +61,10 @@ def _steps_drawing(row: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def wild_cache(offline_kit_dir, tmp_path_factory) -> Path:
+def wild_cache(kit, tmp_path_factory) -> Path:
     """An anchor cache of the kit's teacher in which one row's teacher hidden state is 1e20."""
-    kit = KitLayout.at(offline_kit_dir)
     root = tmp_path_factory.mktemp("mp_anchors")
-    clean = build(
-        BuildAnchorCacheConfig(
-            policy=PolicySource(str(kit.policy)),
-            dataset=DatasetSource("task_a", str(kit.datasets["task_a"])),
-            output_dir=str(root / "clean"),
-            num_anchors=ANCHORS,
-            dtype="float32",
-            check=False,
-        )
-    )
+    clean = build_cache(kit, root / "clean", num_anchors=ANCHORS)
     source = AnchorCache(clean)
     settings, wild = source.manifest.settings, _wild_row()
     writer = AnchorCacheWriter(root / "wild", settings)
@@ -100,11 +90,13 @@ def _args(kit: KitLayout, cache: Path, output_dir: Path, processes: int, *extra:
         f"--craft.anchor_cache={cache}", f"--craft.anchor_batch_size={ANCHORS_PER_RANK * WORLD // processes}",
         "--craft.distance=mse", "--craft.lambda_lr=1000", "--craft.epsilon_start=0", "--craft.epsilon_end=0",
         "--craft.dist_timeout_s=60", *extra,
-    ]  # fmt: skip
+    ]
 
 
 def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "craft_ext.train", *args]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "craft_ext.train", *args
+    ]
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -165,15 +157,15 @@ def _killed_and_resumed(args: list[str], output_dir: Path) -> dict:
         launcher.kill()
     last = (output_dir / "checkpoints" / "last").resolve()
     crashed = {"returncode": launcher.returncode, "stderr": err, "ended_after": ended_after, "last": last.name,
-               "leftovers": sorted(p.name for p in (output_dir / "checkpoints").glob(".*"))}  # fmt: skip
+               "leftovers": sorted(p.name for p in (output_dir / "checkpoints").glob(".*"))}
     config = output_dir / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
     resumed = _run(_torchrun("--resume=true", f"--config_path={config}"))
     return {"crashed": crashed, "resumed_stdout": resumed.stdout}
 
 
 @pytest.fixture(scope="module")
-def runs(offline_kit_dir, wild_cache, tmp_path_factory) -> dict:
-    kit, root = KitLayout.at(offline_kit_dir), tmp_path_factory.mktemp("mp_runs")
+def runs(kit, wild_cache, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("mp_runs")
     _one_process(_args(kit, wild_cache, root / "one", 1))
     out = {"one": root / "one", "dp": root / "dp", "fsdp2": root / "fsdp2", "cut": root / "cut"}
     out["dp_stderr"] = _run(_torchrun(*_args(kit, wild_cache, root / "dp", WORLD))).stderr
@@ -249,7 +241,10 @@ def test_the_fsdp2_checkpoint_is_an_ordinary_lerobot_checkpoint(runs):
     saved = _weights(runs["fsdp2"])
     for name, tensor in policy.state_dict().items():
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
-    one, fsdp2 = (load_file(run / "checkpoints" / "last" / "training_state" / "optimizer_state.safetensors") for run in (runs["one"], runs["fsdp2"]))
+    one, fsdp2 = (
+        load_file(run / "checkpoints" / "last" / "training_state" / "optimizer_state.safetensors")
+        for run in (runs["one"], runs["fsdp2"])
+    )
     assert one.keys() == fsdp2.keys()  # the gathered optimizer state in lerobot's one-process layout
     for key in one:
         # the moments agree to 1e-4 of their scale (small entries round more); a parameter whose
@@ -269,15 +264,16 @@ def test_fsdp2_resume_after_a_killed_rank_equals_the_uninterrupted_run(runs):
     assert_same_run(runs["fsdp2"], runs["cut"])
 
 
-def test_fsdp2_needs_several_processes(offline_kit_dir, wild_cache, tmp_path, capsys):
+def test_fsdp2_needs_several_processes(kit, wild_cache, tmp_path, capsys):
     argv = sys.argv
-    sys.argv = ["craft_ext.train", *_args(KitLayout.at(offline_kit_dir), wild_cache, tmp_path / "run", 1, "--craft.sharding=fsdp2")]
+    sys.argv = ["craft_ext.train", *_args(kit, wild_cache, tmp_path / "run", 1, "--craft.sharding=fsdp2")]
     try:
         code = train_module.main()
     finally:
         sys.argv = argv
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: --craft.sharding=fsdp2 divides the policy over several processes") and err.count("\n") == 1
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("error: --craft.sharding=fsdp2 divides the policy over several processes")
 
 
 def test_fsdp2_units_hold_one_dtype_each(offline_kit_dir):
@@ -318,16 +314,13 @@ def test_pi05_fsdp2_equals_data_parallel(tmp_path):
 
     settings = KitSettings(policy_type="pi05", episodes=4, held_out_episodes=2, frames=10, train_steps=20)
     kit = build_kit(tmp_path / "kit", settings, log=lambda _m: None)
-    cache = build(BuildAnchorCacheConfig(
-        policy=PolicySource(str(kit.policy)), dataset=DatasetSource("task_a", str(kit.datasets["task_a"])),
-        output_dir=str(tmp_path / "anchors"), num_anchors=8, dtype="float32", check=False,
-    ))  # fmt: skip
+    cache = build_cache(kit, tmp_path / "anchors", num_anchors=8)
 
     def args(out: str, *extra: str) -> list[str]:
         return [f"--policy.path={kit.policy}", "--dataset.repo_id=task_b", f"--dataset.root={kit.datasets['task_b']}",
                 f"--output_dir={tmp_path / out}", f"--seed={SEED}", "--steps=3", "--batch_size=4", "--log_freq=1",
                 "--num_workers=0", "--policy.device=cpu", f"--craft.anchor_cache={cache}", "--craft.anchor_batch_size=2",
-                *extra]  # fmt: skip
+                *extra]
 
     _run(_torchrun(*args("dp")))
     _run(_torchrun(*args("fsdp2", "--craft.sharding=fsdp2")))

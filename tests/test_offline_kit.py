@@ -27,14 +27,14 @@ from lerobot.processor import ActionTokenizerProcessorStep, PolicyProcessorPipel
 
 import craft_ext
 from craft_ext.config import CraftConfig
-from craft_ext.train_config import CraftTrainPipelineConfig
 from craft_ext.offline_kit.build import KitLayout
 from craft_ext.offline_kit.datasets import TASK_A, TASK_B, generate_episode, make_dataset
 from craft_ext.offline_kit.fast_tokenizer import FASTActionTokenizer
 from craft_ext.offline_kit.text_tokenizer import build_text_tokenizer, fast_filler
 from craft_ext.policies.loading import load_policy, load_processors, preprocessor_overrides
-from craft_ext.policies.pi0_fast_tiny.configuration_pi0_fast_tiny import PI0FastTinyConfig
-from craft_ext.policies.pi0_fast_tiny.modeling_pi0_fast_tiny import PI0FastTinyPolicy, TinyPI0FastPytorch
+from craft_ext.policies.toy import PI0FastTinyConfig
+from craft_ext.policies.toy.modeling_toy import PI0FastTinyPolicy, TinyPI0FastPytorch
+from craft_ext.train_config import CraftTrainPipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 H, D, SCALE = 10, 3, 10.0

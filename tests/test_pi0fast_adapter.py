@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_cache
 from torch import nn
 
 from lerobot.datasets import LeRobotDataset
@@ -15,8 +16,6 @@ from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TO
 
 from craft_ext.anchors.manifest import AnchorCacheError, read_manifest
 from craft_ext.anchors.validate import check_compatible
-from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
-from craft_ext.offline_kit.build import KitLayout
 from craft_ext.policies import make_adapter
 from craft_ext.policies.base import PrefixHidden
 from craft_ext.policies.loading import load_policy, load_processors
@@ -27,9 +26,8 @@ IMAGE_KEY = "observation.images.front"
 
 
 @pytest.fixture(scope="module")
-def tiny(offline_kit_dir):
+def tiny(kit):
     """(adapter, preprocessed batch of 3 task-A frames) from the kit's tiny pi0-fast."""
-    kit = KitLayout.at(offline_kit_dir)
     policy = load_policy(kit.policy)
     pre, _ = load_processors(kit.policy)
     dataset = LeRobotDataset("task_a", root=kit.datasets["task_a"],
@@ -130,20 +128,10 @@ def swap_two_text_tokens(policy_dir: Path) -> None:
     path.write_text(json.dumps(spec))
 
 
-def test_cache_check_follows_the_tokenizers_not_their_location(offline_kit_dir, tmp_path):
+def test_cache_check_follows_the_tokenizers_not_their_location(kit, tmp_path):
     """A cache built from the kit's policy fits the same checkpoint moved elsewhere, and is refused
     for a checkpoint whose text tokenizer differs (same size, so everything else would run)."""
-    kit = KitLayout.at(offline_kit_dir)
-    cache = build(
-        BuildAnchorCacheConfig(
-            policy=PolicySource(str(kit.policy)),
-            dataset=DatasetSource("task_a", str(kit.datasets["task_a"])),
-            output_dir=str(tmp_path / "cache"),
-            num_anchors=4,
-            dtype="float32",
-            check=False,
-        )
-    )
+    cache = build_cache(kit, tmp_path / "cache", num_anchors=4)
     manifest = read_manifest(cache)
     shutil.copytree(kit.policy, tmp_path / "moved")
     check_compatible(manifest, make_adapter(load_policy(tmp_path / "moved")))

@@ -39,5 +39,7 @@ def test_find_python312_names_an_interpreter_of_that_version():
     if out.returncode != 0:  # no 3.12 on this machine: the message must say what to install
         assert "Python 3.12" in out.stderr
         return
-    version = subprocess.run([out.stdout.strip(), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+    version = subprocess.run(
+        [out.stdout.strip(), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+    )
     assert version.stdout.strip() == "(3, 12)"

@@ -5,6 +5,7 @@ reuses the recorded points instead of training again."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def run(offline_kit_dir: Path, out: Path) -> subprocess.CompletedProcess:
         sys.executable, str(SCRIPT), "--kit", str(offline_kit_dir), "--output_dir", str(out / "bench"),
         "--json", str(out / "points.json"), "--seeds", "1", "--steps", "2", "--num_anchors", "16",
         "--eval_frames", "16", "--knobs", "craft=0.08;fixed=1;replay=0.25;l2sp=1;lora=2",
-    ]  # fmt: skip
+    ]
     return subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -37,7 +38,7 @@ def test_every_method_gives_a_point_a_table_and_a_plot(offline_kit_dir, tmp_path
     for p in points:
         assert p["seed"] == 0
         for key in ("task_a_increase", "task_b_after", "task_a_frames_increase"):
-            assert isinstance(p[key], float) and p[key] == p[key]  # finite numbers, not NaN
+            assert isinstance(p[key], float) and math.isfinite(p[key])  # finite numbers, not NaN or inf
     assert [p["knob"] for p in points] == [None, 0.08, 1.0, 0.25, 1.0, 2]
     assert next(p for p in points if p["method"] == "fixed")["final_lambda"] == 1.0  # no dual update
     table = (tmp_path / "bench" / "table.md").read_text()

@@ -16,12 +16,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import craft_ext
-from craft_ext.dual import LagrangeMultiplier
-from craft_ext.surgery import GradBuffers, clip_coefficient, surgery_
+from craft_ext.engine.dual import LagrangeMultiplier
+from craft_ext.engine.grad_buffers import GradBuffers
+from craft_ext.engine.surgery import clip_coefficient, surgery_
 
 pytestmark = pytest.mark.skipif(not craft_ext.extension_available(), reason="craft_ext._C is not built")
 
-MODES = ("weighted", "equal", "task_priority")
+MERGES = ("weighted", "equal", "task_priority")
 #: the projection rules with the arguments each needs: active once violated (L_ret > epsilon), once not
 RULES = {
     "always": {"project": "always"},
@@ -31,13 +32,13 @@ RULES = {
 }
 
 
-def reference_step(t, r, lam, *, project, loss_ret=None, epsilon=None, tau=0.0, mode="weighted"):
+def reference_step(t, r, lam, *, project, loss_ret=None, epsilon=None, tau=0.0, merge="weighted"):
     """G and the step's metrics in float64, each rule as its docstring states it."""
     t, r = t.double(), r.double()
     tn, rn = t.norm().item(), r.norm().item()
     cos = (t @ r).item() / (tn * rn) if tn > 0 and rn > 0 else 0.0
     conflict = tn > 0 and rn > 0 and cos < tau
-    b = {"weighted": lam, "equal": 1.0, "task_priority": min(lam, 1.0)}[mode]
+    b = {"weighted": lam, "equal": 1.0, "task_priority": min(lam, 1.0)}[merge]
     g = t + b * r
     projected = False
     if project == "always" and conflict:
@@ -116,19 +117,19 @@ COSINE_CASES = [(-0.6, 0.0, True), (0.5, 0.0, False), (0.2, 0.4, True), (-0.3, -
 
 
 @pytest.mark.parametrize("cos,tau,conflict", COSINE_CASES)
-@pytest.mark.parametrize("mode", MODES)
-def test_always_rule_matches_float64_reference(mode, cos, tau, conflict):
+@pytest.mark.parametrize("merge", MERGES)
+def test_always_rule_matches_float64_reference(merge, cos, tau, conflict):
     t, r = pair_with_cosine(1031, cos, seed=round(100 * (cos + 1)))
-    metrics = check_step(t, r, 0.7, project="always", tau=tau, mode=mode, rtol=1e-5, atol_scale=1e-6)
+    metrics = check_step(t, r, 0.7, project="always", tau=tau, merge=merge, rtol=1e-5, atol_scale=1e-6)
     assert metrics["conflict"] == metrics["projected"] == float(conflict)
 
 
 @pytest.mark.parametrize("cos", [-0.6, -0.05, 0.5])
 @pytest.mark.parametrize("rule", ["never", "active_violated", "active_slack"])
-@pytest.mark.parametrize("mode", MODES)
-def test_never_and_active_rules_match_float64_reference(mode, rule, cos):
+@pytest.mark.parametrize("merge", MERGES)
+def test_never_and_active_rules_match_float64_reference(merge, rule, cos):
     t, r = pair_with_cosine(1031, cos, seed=round(100 * (cos + 1)))
-    metrics = check_step(t, r, 0.7, mode=mode, rtol=1e-5, atol_scale=1e-6, **RULES[rule])
+    metrics = check_step(t, r, 0.7, merge=merge, rtol=1e-5, atol_scale=1e-6, **RULES[rule])
     # |T| ~ 9.6, |R| = 2.5 and b <= 1: G0.R = T.R + b |R|^2 < 0 at cos = -0.6 (-14.4 + 6.25 at most),
     # > 0 at cos = -0.05 (-1.2 + 4.4 at least), so the active rule projects only in the first case
     assert metrics["projected"] == float(rule == "active_violated" and cos == -0.6)
@@ -143,23 +144,23 @@ def test_awkward_sizes(n):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize("cos", [-0.6, 0.5])
-def test_half_precision_buffers(dtype, rule, mode, cos):
+def test_half_precision_buffers(dtype, rule, merge, cos):
     t, r = pair_with_cosine(2053, cos, seed=7, dtype=dtype)
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    check_step(t, r, 0.4, mode=mode, rtol=ulp, atol_scale=ulp / 4, **RULES[rule])  # reference from the rounded values
+    check_step(t, r, 0.4, merge=merge, rtol=ulp, atol_scale=ulp / 4, **RULES[rule])  # reference from the rounded values
     assert t.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("mode", MODES)
-def test_zero_retention_gives_the_task_gradient_exactly(dtype, rule, mode):
+@pytest.mark.parametrize("merge", MERGES)
+def test_zero_retention_gives_the_task_gradient_exactly(dtype, rule, merge):
     t = torch.randn(999, dtype=torch.float32).to(dtype)
     expected = t.clone()
     options = {**RULES[rule], **({"tau": 0.5} if rule == "always" else {})}
-    out = surgery_(t, torch.zeros_like(t), 0.8, mode=mode, **options)
+    out = surgery_(t, torch.zeros_like(t), 0.8, merge=merge, **options)
     assert torch.equal(t, expected)
     assert out["conflict"].item() == 0.0 and out["cos"].item() == 0.0 and out["found_inf"].item() == 0.0
     assert out["projected"].item() == 0.0
@@ -168,33 +169,33 @@ def test_zero_retention_gives_the_task_gradient_exactly(dtype, rule, mode):
 
 
 @pytest.mark.parametrize("rule", ["always", "never", "active_violated"])
-@pytest.mark.parametrize("mode", MODES)
-def test_merge_is_continuous_as_the_retention_gradient_vanishes(mode, rule):
+@pytest.mark.parametrize("merge", MERGES)
+def test_merge_is_continuous_as_the_retention_gradient_vanishes(merge, rule):
     """A retention step whose R is tiny takes (nearly) the step of a step without retention:
-    |G(s R) - G(retain=None)| <= b s |R| -> 0, with b the mode's retention weight (equal: b = 1; the
+    |G(s R) - G(retain=None)| <= b s |R| -> 0, with b the merge's retention weight (equal: b = 1; the
     projection acts on R's direction only, so this holds where it does not fire: cos(T, R) >= 0)."""
     t0, r0 = pair_with_cosine(513, 0.3, seed=11)
     plain = t0.clone()
-    surgery_(plain, None, 0.7, mode=mode)
+    surgery_(plain, None, 0.7, merge=merge)
     assert torch.equal(plain, t0)  # a step without retention is the task step
-    b = {"weighted": 0.7, "equal": 1.0, "task_priority": 0.7}[mode]
+    b = {"weighted": 0.7, "equal": 1.0, "task_priority": 0.7}[merge]
     gaps = []
     for s in (1e-1, 1e-3, 1e-6):
         t = t0.clone()
-        surgery_(t, s * r0, 0.7, mode=mode, **RULES[rule])
+        surgery_(t, s * r0, 0.7, merge=merge, **RULES[rule])
         gaps.append((t - plain).norm().item())
         assert gaps[-1] <= b * s * r0.norm().item() * (1 + 1e-4) + 1e-6 * plain.norm().item(), (s, gaps)
     assert gaps[-1] < 1e-5 * plain.norm().item()
 
 
 @pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("mode", MODES)
-def test_zero_task_gradient_has_no_nan(mode, rule):
+@pytest.mark.parametrize("merge", MERGES)
+def test_zero_task_gradient_has_no_nan(merge, rule):
     r = torch.randn(257)
     t = torch.zeros_like(r)
-    check_step(t, r, 1.5, mode=mode, rtol=1e-6, atol_scale=1e-7, **RULES[rule])
+    check_step(t, r, 1.5, merge=merge, rtol=1e-6, atol_scale=1e-7, **RULES[rule])
     both_zero = torch.zeros(5)
-    out = surgery_(both_zero, torch.zeros(5), 1.5, mode=mode, **RULES[rule])
+    out = surgery_(both_zero, torch.zeros(5), 1.5, merge=merge, **RULES[rule])
     assert torch.equal(both_zero, torch.zeros(5)) and all(torch.isfinite(v) for v in out.values())
 
 
@@ -212,8 +213,8 @@ def test_non_finite_gradients_are_flagged_and_never_applied(where, value, rule):
 def test_scalars_as_device_tensors_match_floats():
     t1, r = pair_with_cosine(300, -0.4, seed=3)
     t2 = t1.clone()
-    out1 = surgery_(t1, r, 0.6, mode="task_priority", loss_ret=0.2, epsilon=0.1)
-    out2 = surgery_(t2, r, torch.tensor(0.6), mode="task_priority", loss_ret=torch.tensor(0.2), epsilon=torch.tensor(0.1))
+    out1 = surgery_(t1, r, 0.6, merge="task_priority", loss_ret=0.2, epsilon=0.1)
+    out2 = surgery_(t2, r, torch.tensor(0.6), merge="task_priority", loss_ret=torch.tensor(0.2), epsilon=torch.tensor(0.1))
     assert out1["projected"].item() == 1.0
     assert torch.equal(t1, t2) and torch.equal(out1["beta"], out2["beta"])
 
@@ -413,8 +414,8 @@ def test_use_detects_replaced_grads_and_dtype_changes():
 
 def test_bad_inputs_are_named():
     t, r = torch.randn(8), torch.randn(8)
-    with pytest.raises(ValueError, match="mode='pcgrad'"):
-        surgery_(t, r, 0.5, mode="pcgrad")
+    with pytest.raises(ValueError, match="merge='pcgrad'"):
+        surgery_(t, r, 0.5, merge="pcgrad")
     with pytest.raises(ValueError, match="tau=2"):
         surgery_(t, r, 0.5, project="always", tau=2.0)
     with pytest.raises(ValueError, match="project='sometimes'"):
@@ -495,7 +496,7 @@ STEP_RULES = {
 def _step(bufs, lam, rule, *, retain=True):
     bufs.use("task")
     options = STEP_RULES[rule](bufs.task.flats[0].device)
-    return surgery_(bufs.task, bufs.retain if retain else None, lam, mode="weighted", max_norm=0.5, **options)
+    return surgery_(bufs.task, bufs.retain if retain else None, lam, merge="weighted", max_norm=0.5, **options)
 
 
 def _filled_buffers(device="cpu"):

@@ -23,12 +23,9 @@ from lerobot.processor import TokenizerProcessorStep
 
 from craft_ext.offline_kit.build import KitLayout
 from craft_ext.policies.loading import load_policy, load_processors
-from craft_ext.policies.pi05_tiny.configuration_pi05_tiny import PI05TinyConfig
-from craft_ext.policies.pi05_tiny.modeling_pi05_tiny import PI05TinyPolicy, TinyPI05Pytorch
-from craft_ext.policies.pi05_tiny.processor_pi05_tiny import make_pi05_tiny_pre_post_processors
-from craft_ext.policies.pi0_tiny.configuration_pi0_tiny import PI0TinyConfig
-from craft_ext.policies.pi0_tiny.modeling_pi0_tiny import PI0TinyPolicy, TinyPI0Pytorch
-from craft_ext.policies.pi0_tiny.processor_pi0_tiny import make_pi0_tiny_pre_post_processors
+from craft_ext.policies.toy import PI0TinyConfig, PI05TinyConfig
+from craft_ext.policies.toy.modeling_toy import PI0TinyPolicy, PI05TinyPolicy, TinyPI0Pytorch, TinyPI05Pytorch
+from craft_ext.policies.toy.processor_toy import make_pi0_tiny_pre_post_processors, make_pi05_tiny_pre_post_processors
 
 CHUNK = 4
 

@@ -1,14 +1,17 @@
-"""The anchor cache (format v2): teacher hidden states + model-ready inputs on disk, with a manifest.
+"""The anchor cache (format v3): teacher hidden states (and the action path's outputs) + model-ready
+inputs on disk, with a manifest.
 
 Layout of the package: ``manifest`` (format and JSON), ``shards`` (one safetensors file, row
 checksums), ``writer`` (atomic, resumable), ``reader`` (mmap, per-row checks, sampler, prefetching
 loader), ``validate`` (cache vs student), ``features`` (the single teacher/student feature path),
-``teacher`` (anchor frames and the teacher forward that fills the shards), ``upgrade`` (v1 -> v2 in
-place). The command line that builds a cache is ``craft_ext.build_anchor_cache``.
+``teacher`` (anchor frames, the rows' recorded flow-matching draws and the teacher forward that fills
+the shards), ``upgrade`` (row checksums for v1 caches, in place). The command line that builds a cache
+is ``craft_ext.build_anchor_cache``.
 """
 
 from .manifest import (
     FORMAT_VERSION,
+    ActionPathInfo,
     AnchorCacheError,
     BuildSettings,
     HiddenInfo,
@@ -23,6 +26,7 @@ from .writer import AnchorCacheWriter
 
 __all__ = [
     "FORMAT_VERSION",
+    "ActionPathInfo",
     "AnchorBatch",
     "AnchorCache",
     "AnchorCacheError",

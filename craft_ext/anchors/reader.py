@@ -12,7 +12,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,9 +21,11 @@ import torch
 from safetensors import safe_open
 
 from .manifest import (
+    ACTION_PATH_SINCE,
     HIDDEN_KEY,
     INPUT_PREFIX,
     MASK_KEY,
+    TARGET_PREFIX,
     AnchorCacheError,
     Manifest,
     TensorSpec,
@@ -37,13 +39,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AnchorBatch:
-    """Rows of the cache: model-ready inputs, the teacher's hidden states [B, L, V, D], the token mask
-    [B, T] (tokens mode only), and the row indices they came from."""
+    """Rows of the cache: model-ready inputs, the teacher's prefix hidden states [B, L, V, D], the token
+    mask [B, T] (tokens mode only), the row indices they came from, and (format v3) the teacher's
+    outputs of the anchored action-path terms by name (``<term>`` [B, L, V, D], ``<term>.mask`` [B, V])."""
 
     inputs: dict[str, torch.Tensor]
     hidden: torch.Tensor
     mask: torch.Tensor | None
     rows: torch.Tensor
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> AnchorBatch:
         """Copy to ``device``; asynchronous from pinned memory."""
@@ -52,6 +56,7 @@ class AnchorBatch:
             hidden=self.hidden.to(device, non_blocking=non_blocking),
             mask=None if self.mask is None else self.mask.to(device, non_blocking=non_blocking),
             rows=self.rows,
+            targets={k: v.to(device, non_blocking=non_blocking) for k, v in self.targets.items()},
         )
 
 
@@ -68,16 +73,23 @@ class AnchorCache:
         self._files = [safe_open(self.directory / s.file, framework="pt") for s in self.manifest.shards]
         self._names = [HIDDEN_KEY] + ([MASK_KEY] if self.manifest.settings.hidden.pooling == "tokens" else [])
         self._names += [INPUT_PREFIX + k for k in self.manifest.inputs]
+        self._names += [TARGET_PREFIX + k for k in self.manifest.targets]
         self._slices = [{n: f.get_slice(n) for n in self._names} for f in self._files]
         self._starts = np.cumsum([0] + [s.rows for s in self.manifest.shards])
         self._row_hashes: np.ndarray | None = None  # [num_rows], None for a v1 cache (no row checksums)
+        prefix_only = (
+            "it anchors the prefix hidden states only (format v3 can also anchor the action path: rebuild with "
+            "python -m craft_ext.build_anchor_cache)"
+        )
         if self.manifest.has_row_checksums:
             self._row_hashes = np.concatenate([s.row_checksums() for s in self.manifest.shards])
+            if self.manifest.format_version < ACTION_PATH_SINCE:
+                logger.warning("anchor cache %s is format v%d: %s", self.directory, self.manifest.format_version, prefix_only)
         else:
             logger.warning(
                 "anchor cache %s is format v%d: its rows have no checksums, so a corrupted row would go unnoticed; "
-                "add them with `python -m craft_ext.anchors.upgrade %s` (or rebuild the cache)",
-                self.directory, self.manifest.format_version, self.directory,
+                "add them with `python -m craft_ext.anchors.upgrade %s` (or rebuild the cache); %s",
+                self.directory, self.manifest.format_version, self.directory, prefix_only,
             )
 
     def __len__(self) -> int:
@@ -100,8 +112,8 @@ class AnchorCache:
             layout = read_layout(path)
             if layout.metadata.get("settings_sha256") != fingerprint:
                 raise AnchorCacheError(f"anchor cache shard {path} was written by another build than this manifest's")
-            got = (layout.rows, layout.hidden, layout.mask, layout.inputs)
-            want = (record.rows, m.hidden_spec, want_mask, m.inputs)
+            got = (layout.rows, layout.hidden, layout.mask, layout.inputs, layout.targets)
+            want = (record.rows, m.hidden_spec, want_mask, m.inputs, m.targets)
             if got != want:
                 raise AnchorCacheError(f"anchor cache shard {path} does not match the manifest: has {got}, expected {want}")
 
@@ -133,6 +145,7 @@ class AnchorCache:
             hidden=out[HIDDEN_KEY],
             mask=out.get(MASK_KEY),
             rows=rows_t,
+            targets={n[len(TARGET_PREFIX) :]: out[n] for n in self._names if n.startswith(TARGET_PREFIX)},
         )
 
     def _check_rows(self, rows: np.ndarray, got: np.ndarray) -> None:
@@ -169,6 +182,8 @@ class AnchorCache:
             spec = m.hidden_spec
         elif name == MASK_KEY:
             spec = TensorSpec("bool", [m.num_vectors])
+        elif name.startswith(TARGET_PREFIX):
+            spec = m.targets[name[len(TARGET_PREFIX) :]]
         else:
             spec = m.inputs[name[len(INPUT_PREFIX) :]]
         return torch.empty([batch, *spec.shape], dtype=getattr(torch, spec.dtype), pin_memory=self.pin_memory)
@@ -201,7 +216,10 @@ class AnchorSampler:
         return out
 
     def state_dict(self) -> dict[str, int]:
-        return {"num_rows": self.num_rows, "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {
+            "num_rows": self.num_rows, "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch,
+            "position": self.position,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["num_rows"] != self.num_rows:

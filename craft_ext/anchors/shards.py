@@ -1,7 +1,8 @@
 """One shard file: what goes into it and how to read its layout without loading its data.
 
 A shard is a plain safetensors file (no pickle): ``hidden`` [rows, L, V, D], ``mask`` [rows, T] in
-tokens mode, and one ``inputs.<key>`` tensor per model-ready input, all with rows first. A row's
+tokens mode, one ``inputs.<key>`` tensor per model-ready input and (format v3) one ``target.<name>``
+tensor per stored teacher output of the action path, all with rows first. A row's
 checksum is the xxh3-64 hash of its bytes in every tensor, tensors in name order (``row_checksums``).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,7 +20,7 @@ import xxhash
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from .manifest import FORMAT_VERSION, HIDDEN_KEY, INPUT_PREFIX, MASK_KEY, AnchorCacheError, TensorSpec
+from .manifest import FORMAT_VERSION, HIDDEN_KEY, INPUT_PREFIX, MASK_KEY, TARGET_PREFIX, AnchorCacheError, TensorSpec
 
 METADATA_KEY = "craft_anchor_cache"
 
@@ -38,10 +39,6 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 @dataclass(frozen=True)
 class ShardLayout:
     """Row count and per-row tensor specs of one shard, read from its header only."""
@@ -51,10 +48,14 @@ class ShardLayout:
     mask: TensorSpec | None
     inputs: dict[str, TensorSpec]
     metadata: dict[str, Any]
+    targets: dict[str, TensorSpec] = field(default_factory=dict)
 
 
 def shard_tensors(
-    hidden: torch.Tensor, mask: torch.Tensor | None, inputs: dict[str, torch.Tensor]
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    inputs: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of one shard under their stored names, on the CPU and contiguous."""
     tensors = {HIDDEN_KEY: hidden.detach().cpu().contiguous()}
@@ -62,6 +63,8 @@ def shard_tensors(
         tensors[MASK_KEY] = mask.detach().cpu().contiguous()
     for key, value in inputs.items():
         tensors[INPUT_PREFIX + key] = value.detach().cpu().contiguous()
+    for key, value in (targets or {}).items():
+        tensors[TARGET_PREFIX + key] = value.detach().cpu().contiguous()
     return tensors
 
 
@@ -126,4 +129,5 @@ def read_layout(path: Path) -> ShardLayout:
         mask=spec(MASK_KEY) if MASK_KEY in specs else None,
         inputs={n[len(INPUT_PREFIX) :]: spec(n) for n in specs if n.startswith(INPUT_PREFIX)},
         metadata=metadata,
+        targets={n[len(TARGET_PREFIX) :]: spec(n) for n in specs if n.startswith(TARGET_PREFIX)},
     )

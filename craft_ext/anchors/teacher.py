@@ -4,7 +4,7 @@ that turns them into shards.
 Model-facing half of the cache (the writer knows nothing of models). Batches are formed inside a
 shard only, so a shard's bytes depend on the settings alone and a resumed build reproduces them.
 The self-check that the teacher reproduces its cache is a retention-loss check:
-``craft_ext.retention.check_teacher_reproduces``.
+``craft_ext.engine.retention.check_teacher_reproduces``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..policies.base import PolicyAdapter
-from .features import anchor_features
-from .manifest import HIDDEN_DTYPES, AnchorCacheError
+from .features import anchored_features, target_tensors
+from .manifest import HIDDEN_DTYPES, PREFIX_TERM, ActionPathInfo, AnchorCacheError
 from .writer import AnchorCacheWriter
 
 
@@ -54,25 +54,55 @@ def write_shards(
     ``load_batches(frames)`` yields preprocessed batches (exactly what training feeds the policy)
     covering ``frames`` in order."""
     settings = writer.settings
-    hidden_cfg = settings.hidden
-    dtype = HIDDEN_DTYPES[hidden_cfg.dtype]
+    dtype = HIDDEN_DTYPES[settings.hidden.dtype]
+    terms = settings.action_terms
     for index in list(writer.pending):
-        hidden, masks, inputs = [], [], {}
-        for batch in load_batches(settings.shard_frames(index)):
+        frames = settings.shard_frames(index)
+        hidden, masks, inputs, targets = [], [], {}, {}
+        done = 0
+        for batch in load_batches(frames):
             model_inputs = adapter.anchor_inputs(batch)
+            rows = next(iter(model_inputs.values())).shape[0]
+            if terms:
+                draws = flow_draws(settings.action, frames[done : done + rows])
+                model_inputs.update(adapter.action_inputs(batch, model_inputs, terms, draws))
+            done += rows
             with torch.no_grad():
-                values, mask = anchor_features(adapter, model_inputs, hidden_cfg.layers, hidden_cfg.pooling)
+                features = anchored_features(adapter, model_inputs, settings)
+            values, mask = features[PREFIX_TERM]
             hidden.append(values.to(dtype).cpu())
             masks.append(mask)
             for key, value in model_inputs.items():
                 inputs.setdefault(key, []).append(value.detach().cpu())
+            for key, value in target_tensors(features).items():
+                targets.setdefault(key, []).append(value.detach().cpu() if value.dtype == torch.bool else value.to(dtype).cpu())
             progress(values.shape[0])
         writer.write_shard(
             index,
             _cat("hidden states", hidden),
             None if masks[0] is None else _cat("token mask", [m.cpu() for m in masks]),
             {key: _cat(f"input {key!r}", parts) for key, parts in inputs.items()},
+            {key: _cat(f"target {key!r}", parts) for key, parts in targets.items()},
         )
+
+
+def flow_draws(action: ActionPathInfo, frames: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The recorded flow-matching noise [rows, *noise_shape] and time [rows] of anchor rows taken from
+    dataset positions ``frames``: each row's own generator, numpy's default_rng([noise_seed, frame]),
+    so a row's draw depends on the settings and its frame only (resumed builds reproduce it). Time is
+    Beta(alpha, beta) * scale + offset, lerobot's training distribution. Empty without a noise seed."""
+    if action.noise_seed is None:
+        return {}
+    t = action.time_distribution
+    noise, time = [], []
+    for frame in frames:
+        rng = np.random.default_rng([action.noise_seed, int(frame)])
+        noise.append(rng.standard_normal(action.noise_shape, dtype=np.float32))
+        time.append(rng.beta(t["alpha"], t["beta"]) * t["scale"] + t["offset"])
+    return {
+        "noise": torch.from_numpy(np.stack(noise)),
+        "time": torch.tensor(time, dtype=torch.float32),
+    }
 
 
 def _cat(what: str, parts: list[torch.Tensor]) -> torch.Tensor:

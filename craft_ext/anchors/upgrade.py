@@ -1,5 +1,9 @@
 """python -m craft_ext.anchors.upgrade CACHE_DIR: give a format-v1 anchor cache the v2 row checksums.
 
+The result is a format-v2 cache: it still anchors the prefix only (what is anchored is decided when a
+cache is built; format v3's action-path terms need the teacher, so they need a rebuild). A manifest that
+already records what it anchors (format v3's ``settings.action``) becomes v3.
+
 Rebuilding a cache needs the teacher and the dataset; upgrading needs neither: every shard is first
 checked against the whole-file sha256 its v1 manifest recorded (so the checksums are taken from the
 bytes the teacher wrote), then each row's hash is computed and a v2 manifest replaces the v1 one
@@ -20,7 +24,8 @@ import numpy as np
 from safetensors import safe_open
 
 from .manifest import (
-    FORMAT_VERSION,
+    ACTION_PATH_SINCE,
+    ROW_CHECKSUMS_SINCE,
     AnchorCacheError,
     Manifest,
     encode_checksums,
@@ -34,7 +39,8 @@ _CHUNK_BYTES = 64 << 20
 
 
 def upgrade_cache(directory: str | os.PathLike) -> Manifest | None:
-    """Upgrade the cache at ``directory`` to the current format; None if it already is."""
+    """Give the cache at ``directory`` row checksums (format v2, or v3 when its manifest records what it
+    anchors); None if it has them already."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest.has_row_checksums:
@@ -50,7 +56,8 @@ def upgrade_cache(directory: str | os.PathLike) -> Manifest | None:
                 "with python -m craft_ext.build_anchor_cache instead"
             )
         shards.append(dataclasses.replace(record, row_xxh3=encode_checksums(shard_row_checksums(path))))
-    upgraded = dataclasses.replace(manifest, shards=shards, format_version=FORMAT_VERSION)
+    version = ROW_CHECKSUMS_SINCE if manifest.settings.action is None else ACTION_PATH_SINCE
+    upgraded = dataclasses.replace(manifest, shards=shards, format_version=version)
     write_manifest(directory, upgraded)
     return upgraded
 
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if upgraded is None:
         print(f"{args.cache_dir}: already format v{read_manifest(args.cache_dir).format_version}, nothing to do")
     else:
-        print(f"{args.cache_dir}: upgraded to format v{FORMAT_VERSION} ({upgraded.num_rows} rows checksummed)")
+        print(f"{args.cache_dir}: upgraded to format v{upgraded.format_version} ({upgraded.num_rows} rows checksummed)")
     return 0
 
 

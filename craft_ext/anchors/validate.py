@@ -35,11 +35,20 @@ def check_compatible(
     ``pooling`` / ``layers``: what the training config asks for, when it says so explicitly."""
     hidden = manifest.settings.hidden
     cached = manifest.settings.teacher.identity
+    lacking = [t for t in manifest.settings.action_terms if t not in getattr(adapter, "action_terms", ())]
+    lacks = ""
+    if lacking:
+        lacks = f" (the cache anchors {_describe_terms(lacking)}, which a {adapter.policy_type} policy does not have)"
     if cached.get("policy_type") != adapter.policy_type:  # every other field would differ too: say only this
         raise AnchorCacheError(
             f"the anchor cache was built from a {cached.get('policy_type')} policy ({manifest.settings.teacher.path}), "
-            f"this policy is {adapter.policy_type}: build a cache from the checkpoint you fine-tune "
+            f"this policy is {adapter.policy_type}{lacks}: build a cache from the checkpoint you fine-tune "
             "(python -m craft_ext.build_anchor_cache --policy.path=...)"
+        )
+    if lacking:
+        raise AnchorCacheError(
+            f"the anchor cache anchors {_describe_terms(lacking)}, which this {adapter.policy_type} policy does not have: "
+            "build a cache from the checkpoint you fine-tune (python -m craft_ext.build_anchor_cache --policy.path=...)"
         )
     current = adapter.identity()
     problems = []
@@ -59,12 +68,31 @@ def check_compatible(
     too_deep = [layer for layer in hidden.layers if layer >= adapter.num_layers]
     if too_deep:
         problems.append(f"layers: cache has layers {hidden.layers}, student has only {adapter.num_layers}")
+    action = manifest.settings.action
+    if action is not None and action.noise_seed is not None:
+        compare("flow-matching noise shape [chunk, max_action_dim]", action.noise_shape, adapter.flow_draws()[0])
+    if action is not None and action.expert_layers:
+        depth = adapter.num_expert_layers
+        if max(action.expert_layers) >= depth:
+            problems.append(f"expert layers: cache has layers {action.expert_layers}, student's expert has only {depth}")
     if pooling is not None:
         compare("pooling", hidden.pooling, pooling)
     if layers is not None and not too_deep:
         compare("layers", hidden.layers, adapter.resolve_layers(layers))
     if problems:
         raise AnchorCacheError("the anchor cache does not fit this policy: " + "; ".join(problems))
+
+
+#: how refusals name the action path's terms
+TERM_NAMES = {
+    "velocity": "the action expert's velocity",
+    "expert": "the action expert's hidden states",
+    "action_tokens": "the hidden states at the action tokens",
+}
+
+
+def _describe_terms(terms: Sequence[str]) -> str:
+    return " and ".join(TERM_NAMES.get(t, t) for t in terms)
 
 
 def _is_content(value: Any) -> bool:

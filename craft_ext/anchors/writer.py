@@ -9,6 +9,7 @@ The manifest is written last, so it never points at a shard that is partial or a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,13 +19,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..durable import fsync_path
-
+from ..utils.durable import fsync_path
 from .manifest import (
+    ACTION_PATH_SINCE,
     HIDDEN_DTYPES,
     HIDDEN_KEY,
     MANIFEST_NAME,
     MASK_KEY,
+    PREFIX_TERM,
+    TARGET_MASK_SUFFIX,
+    TARGET_PREFIX,
     AnchorCacheError,
     BuildSettings,
     Manifest,
@@ -154,12 +158,18 @@ class AnchorCacheWriter:
         hidden: torch.Tensor,
         mask: torch.Tensor | None,
         inputs: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor] | None = None,
     ) -> ShardRecord:
-        """Write shard ``index`` atomically: temp file, fsync, rename, fsync the directory."""
+        """Write shard ``index`` atomically: temp file, fsync, rename, fsync the directory.
+
+        ``targets``: the teacher's outputs of the anchored action-path terms (``settings.action``),
+        each [rows, L, V, D] with an optional ``<term>.mask`` [rows, V]."""
         if index not in self.pending:
             raise ValueError(f"shard {index} is not pending (pending: {self.pending})")
+        targets = targets or {}
         self._check_rows(index, hidden, mask, inputs)
-        tensors = shard_tensors(hidden, mask, inputs)
+        self._check_targets(index, targets)
+        tensors = shard_tensors(hidden, mask, inputs, targets)
         data = encode_shard(tensors, {"settings_sha256": self._fingerprint, "shard": str(index)})
         path = self.directory / shard_name(index)
         tmp = self.directory / f".{path.name}.tmp"
@@ -184,7 +194,9 @@ class AnchorCacheWriter:
         expected = (rows, len(h.layers), h.dim)
         got = (hidden.shape[0], hidden.shape[1], hidden.shape[-1]) if hidden.dim() == 4 else tuple(hidden.shape)
         if got != expected:
-            raise ValueError(f"shard {index}: hidden must be [rows={rows}, layers={len(h.layers)}, V, dim={h.dim}], got {list(hidden.shape)}")
+            raise ValueError(
+                f"shard {index}: hidden must be [rows={rows}, layers={len(h.layers)}, V, dim={h.dim}], got {list(hidden.shape)}"
+            )
         if hidden.dtype != HIDDEN_DTYPES[h.dtype]:
             raise ValueError(f"shard {index}: hidden dtype must be {h.dtype}, got {hidden.dtype}")
         if not bool(torch.isfinite(hidden).all()):
@@ -198,25 +210,54 @@ class AnchorCacheWriter:
             if value.shape[0] != rows:
                 raise ValueError(f"shard {index}: input {key!r} has {value.shape[0]} rows, expected {rows}")
 
+    def _check_targets(self, index: int, targets: dict[str, torch.Tensor]) -> None:
+        rows = len(self.settings.shard_frames(index))
+        terms = self.settings.action_terms
+        values = sorted(k for k in targets if not k.endswith(TARGET_MASK_SUFFIX))
+        if values != sorted(terms):
+            raise ValueError(f"shard {index}: targets must be the anchored terms {terms}, got {values}")
+        for key, value in targets.items():
+            if value.shape[0] != rows:
+                raise ValueError(f"shard {index}: target {key!r} has {value.shape[0]} rows, expected {rows}")
+            if key.endswith(TARGET_MASK_SUFFIX):
+                if value.dtype != torch.bool or key.removesuffix(TARGET_MASK_SUFFIX) not in targets:
+                    raise ValueError(f"shard {index}: {key!r} must be the bool mask of a stored term")
+            elif value.dim() != 4:
+                raise ValueError(f"shard {index}: target {key!r} must be [rows, L, V, D], got {list(value.shape)}")
+            elif not bool(torch.isfinite(value).all()):
+                raise AnchorCacheError(f"shard {index}: the teacher's {key} contains NaN or Inf")
+
     # -----------------------------------------------------------------------------------------
     # finishing
 
-    def finalize(self, extra: dict[str, Any] | None = None) -> Manifest:
+    def finalize(self, extra: dict[str, Any] | None = None, term_weights: dict[str, float] | None = None) -> Manifest:
         """Check every shard is there and consistent, compute the teacher's per-layer statistics,
-        and write the manifest (the last file of a build)."""
+        and write the manifest (the last file of a build). ``term_weights``: the default weight of
+        every term (1 each when None); on a complete cache, other weights rewrite only the manifest."""
         if self.pending:
             raise AnchorCacheError(f"cannot finalize: shards {self.pending} are not written yet")
+        weights = {t: float((term_weights or {}).get(t, 1.0)) for t in (PREFIX_TERM, *self.settings.action_terms)}
         if not self._wrote and (self.directory / MANIFEST_NAME).exists():
-            return read_manifest(self.directory)  # already complete: keep its record of how it was built
-        layouts = [read_layout(self.directory / self._records[k].file) for k in range(self.settings.num_shards)]
+            manifest = read_manifest(self.directory)  # already complete: keep its record of how it was built
+            if term_weights is not None and manifest.format_version >= ACTION_PATH_SINCE and manifest.term_weights != weights:
+                manifest = dataclasses.replace(manifest, term_weights=weights)
+                write_manifest(self.directory, manifest)
+            return manifest
+        paths = [self.directory / self._records[k].file for k in range(self.settings.num_shards)]
+        layouts = [read_layout(path) for path in paths]
         first = layouts[0]
         for k, layout in enumerate(layouts[1:], start=1):
-            if (layout.hidden, layout.mask, layout.inputs) != (first.hidden, first.mask, first.inputs):
-                raise AnchorCacheError(
-                    f"shard {k} stores tensors of another layout than shard 0 "
-                    f"({layout.hidden}, {layout.inputs} vs {first.hidden}, {first.inputs})"
-                )
-        mean, var = layer_statistics([self.directory / self._records[k].file for k in range(self.settings.num_shards)])
+            got = (layout.hidden, layout.mask, layout.inputs, layout.targets)
+            want = (first.hidden, first.mask, first.inputs, first.targets)
+            if got != want:
+                raise AnchorCacheError(f"shard {k} stores tensors of another layout than shard 0 ({got} vs {want})")
+        mean, var = layer_statistics(paths)
+        target_mean, target_var = {}, {}
+        for term in self.settings.action_terms:
+            mask_key = term + TARGET_MASK_SUFFIX
+            target_mean[term], target_var[term] = layer_statistics(
+                paths, TARGET_PREFIX + term, TARGET_PREFIX + mask_key if mask_key in first.targets else None
+            )
         manifest = Manifest(
             settings=self.settings,
             num_vectors=first.hidden.shape[1],
@@ -225,22 +266,29 @@ class AnchorCacheWriter:
             layer_var=var,
             shards=[self._records[k] for k in range(self.settings.num_shards)],
             extra=extra or {},
+            targets=first.targets,
+            target_mean=target_mean,
+            target_var=target_var,
+            term_weights=weights,
         )
         write_manifest(self.directory, manifest)
         (self.directory / PROGRESS_NAME).unlink(missing_ok=True)
         return manifest
 
 
-def layer_statistics(paths: list[Path]) -> tuple[list[float], list[float]]:
-    """Per layer: mean of the stored hidden values, and the mean over dims of the per-dim variance
-    over all stored vectors (masked tokens excluded). MSE / variance = 1 means "no better than the
-    teacher's average vector", which makes epsilon an interpretable fraction."""
+def layer_statistics(
+    paths: list[Path], key: str = HIDDEN_KEY, mask_key: str | None = MASK_KEY
+) -> tuple[list[float], list[float]]:
+    """Per layer: mean of the stored values of tensor ``key`` ([rows, L, V, D]), and the mean over dims
+    of the per-dim variance over all stored vectors (positions masked out by ``mask_key`` excluded).
+    MSE / variance = 1 means "no better than the teacher's average vector", which makes epsilon an
+    interpretable fraction."""
     total = total_sq = count = None
     for path in paths:
         with safe_open(path, framework="pt") as f:
-            hidden = f.get_slice(HIDDEN_KEY)
+            hidden = f.get_slice(key)
             rows, layers, vectors, dim = hidden.get_shape()
-            mask = f.get_slice(MASK_KEY) if MASK_KEY in f.keys() else None
+            mask = f.get_slice(mask_key) if mask_key is not None and mask_key in f.keys() else None
             if total is None:
                 total = torch.zeros(layers, dim, dtype=torch.float64)
                 total_sq = torch.zeros(layers, dim, dtype=torch.float64)

@@ -5,7 +5,8 @@
   datasets        deterministic synthetic LeRobot datasets; TaskSpec, TASK_A / TASK_B (conflicting)
   build           `build_kit(DIR)`; also `python -m craft_ext.offline_kit --output_dir DIR`
 
-The kit's policy is an ordinary lerobot checkpoint of type "pi0_fast_tiny"
-(craft_ext.policies.pi0_fast_tiny): nothing outside this package needs to know the kit exists.
+The kit's policy is an ordinary lerobot checkpoint of a toy type, "pi0_fast_tiny", "pi0_tiny" or
+"pi05_tiny" (`--policy_type`; craft_ext.policies.toy): nothing outside this package needs to know the
+kit exists.
 Submodules are imported explicitly (nothing here).
 """

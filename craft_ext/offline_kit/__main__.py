@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+
 import datasets
 
-from craft_ext.cli_logging import quiet_video_backend_warning
 from craft_ext.offline_kit.build import KIT_POLICY_TYPES, KitSettings, build_kit
+from craft_ext.utils.cli_logging import quiet_video_backend_warning
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,12 +36,11 @@ from lerobot.policies.factory import make_policy, make_pre_post_processors
 from craft_ext.offline_kit.datasets import IMAGE_SIZE, TASK_A, TASK_B, TaskSpec, make_dataset
 from craft_ext.offline_kit.fast_tokenizer import FASTActionTokenizer
 from craft_ext.offline_kit.text_tokenizer import build_text_tokenizer
-from craft_ext.policies.pi05_tiny.configuration_pi05_tiny import PI05TinyConfig
-from craft_ext.policies.pi0_fast_tiny.configuration_pi0_fast_tiny import BUNDLED_TOKENIZERS, PI0FastTinyConfig
-from craft_ext.policies.pi0_tiny.configuration_pi0_tiny import PI0TinyConfig
+from craft_ext.policies.registry import POLICIES
+from craft_ext.policies.toy import BUNDLED_TOKENIZERS
 
-#: --policy_type -> the toy lerobot config type of the kit's policy (lerobot's own model at toy size)
-KIT_POLICY_TYPES = {"pi0_fast": PI0FastTinyConfig, "pi0": PI0TinyConfig, "pi05": PI05TinyConfig}
+#: --policy_type: the kit's policy is the registered toy type of one of these (lerobot's own model at toy size)
+KIT_POLICY_TYPES = tuple(POLICIES)
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,8 @@ def build_kit(
     metas = {s.name: LeRobotDatasetMetadata(s.name, root=layout.datasets[s.name]) for s in settings.tasks}
 
     fast_vocab_size, skip_tokens = 0, 0
-    if settings.policy_type == "pi0_fast":
+    entry = POLICIES[settings.policy_type]
+    if entry.action_tokens:
         step("FAST action tokenizer (fit on normalised action chunks of every task)")
         chunks = [c for s in settings.tasks for c in _normalised_chunks(layout.datasets[s.name], s.name, settings)]
         fast = FASTActionTokenizer.fit(chunks, scale=settings.fast_scale, vocab_size=settings.fast_vocab_size)
@@ -143,7 +143,10 @@ def build_kit(
         policy = make_policy(config, ds_meta=metas[first.name])  # also fills config's features
         preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=metas[first.name].stats)
         n_params = sum(p.numel() for p in policy.parameters())
-        step(f"tiny {settings.policy_type} ({config.type}): {n_params / 1e6:.2f}M parameters; training {settings.train_steps} steps on {first.name}")
+        step(
+            f"tiny {settings.policy_type} ({config.type}): {n_params / 1e6:.2f}M parameters; "
+            f"training {settings.train_steps} steps on {first.name}"
+        )
         step_time = train_policy(policy, preprocessor, layout.datasets[first.name], first.name, settings)
     step(f"trained: {step_time * 1e3:.1f} ms/step (preprocess + forward + backward + AdamW); checking select_action")
     check_inference(policy, preprocessor, layout.datasets[first.name], first.name, settings)
@@ -170,9 +173,10 @@ def _policy_config(settings: KitSettings, layout: KitLayout) -> PreTrainedConfig
         text_tokenizer_name=str(layout.text_tokenizer.resolve()),
         push_to_hub=False,
     )
-    if settings.policy_type != "pi0_fast":
-        return KIT_POLICY_TYPES[settings.policy_type](**common)
-    return PI0FastTinyConfig(
+    entry = POLICIES[settings.policy_type]
+    if not entry.action_tokens:
+        return entry.toy_config_class()(**common)
+    return entry.toy_config_class()(
         **common,
         max_action_tokens=settings.max_action_tokens,
         max_decoding_steps=settings.max_action_tokens,

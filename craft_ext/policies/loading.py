@@ -3,7 +3,7 @@
 A checkpoint directory is a lerobot "pretrained_model" dir (config.json, model.safetensors,
 policy_preprocessor.json, policy_postprocessor.json, ...). The "type" in its config.json picks the
 config and policy classes from lerobot's registry, exactly as lerobot's own factories do; craft_ext's
-toy-size types ("pi0_fast_tiny", "pi0_tiny", "pi05_tiny": craft_ext.policies.tiny_paligemma) are
+toy-size types ("pi0_fast_tiny", "pi0_tiny", "pi05_tiny": craft_ext.policies.toy.builder) are
 registered on import of craft_ext.policies like any lerobot policy plugin.
 
 lerobot quirks handled here:
@@ -28,9 +28,53 @@ from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 
-from craft_ext.policies.tiny_paligemma import BundledTokenizersConfig
+from craft_ext.policies.toy.builder import BundledTokenizersConfig
 
 WEIGHTS_FILE = "model.safetensors"
+
+
+def check_policy_folder(path: str | Path, flag: str = "--policy.path") -> None:
+    """A local policy path that the tools read without the hub: it must be a folder with a config.json.
+    Raises FileNotFoundError saying which of the two is missing."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{flag}={path}: the folder {folder.resolve()} does not exist")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{flag}={path}: {folder.resolve()} is not a saved lerobot policy (no config.json in it)")
+
+
+def policy_source_problem(path: str, error: BaseException | None = None, flag: str = "--policy.path") -> str | None:
+    """What is wrong with a `--policy.path` that lerobot reads as a local folder or else as a hub id, in
+    words, or None when nothing is visibly wrong (`error`: what loading it raised; without it, only the
+    local checks run). lerobot's own errors name neither: a missing folder is
+    "Repo id must be in the form ..." (it is tried as a hub id), and a hub id offline is "An error happened
+    while trying to locate the file on the Hub ... check your connection"."""
+    import os
+
+    from huggingface_hub import constants as hub
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            return f"{flag}={path}: {folder.resolve()} is not a saved lerobot policy (no config.json in it)"
+        return None
+    if folder.exists():
+        return f"{flag}={path}: {folder.resolve()} is a file, not a policy folder"
+    try:
+        validate_repo_id(str(path))
+    except HFValidationError:
+        return f"{flag}={path}: the folder {folder.resolve()} does not exist"
+    if error is None:  # a hub id: whether it is cached or reachable, only the attempt tells
+        return None
+    missing = f"{flag}={path}: there is no folder {folder.resolve()}, and as a hub id {path}"
+    if hub.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"{missing} is not in the local hub cache, and the hub is not asked: offline mode is on (HF_HUB_OFFLINE=1)"
+    if isinstance(error, (RepositoryNotFoundError, GatedRepoError)):
+        return f"{missing} is not a model on the hub that this machine may read (a private or gated repo needs `hf auth login`)"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{missing} could not be fetched: the hub is not reachable or refused ({reason[:160]})"
 
 
 def load_policy(policy_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedPolicy:

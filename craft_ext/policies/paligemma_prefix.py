@@ -22,7 +22,7 @@ from torch import nn
 
 from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
-from craft_ext.policies.base import PrefixHidden
+from craft_ext.policies.base import ActionPathHidden, AnchorHidden, PrefixHidden
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -46,6 +46,8 @@ class PaliGemmaPrefixAdapter:
     policy_type: str
     #: FSDP2 units (craft_ext.trainer.sharding.plan_units): the policy calls its transformer blocks
     fsdp_units = "blocks"
+    #: action-path terms this adapter can anchor (PolicyAdapter.action_terms); subclasses add theirs
+    action_terms: tuple[str, ...] = ()
 
     def __init__(self, policy: nn.Module):
         self.policy = unwrap(policy)
@@ -80,18 +82,7 @@ class PaliGemmaPrefixAdapter:
 
     def resolve_layers(self, layers: Sequence[int]) -> list[int]:
         """Negative indices count from the last layer (-1 = last); any index outside the depth errors."""
-        depth = self.num_layers
-        if len(layers) == 0:
-            raise ValueError("resolve_layers: no layers requested")
-        resolved = []
-        for layer in layers:
-            if not -depth <= int(layer) < depth:
-                raise IndexError(
-                    f"layer index {layer} is out of range for a language model with {depth} layers "
-                    f"(valid: {-depth}..{depth - 1})"
-                )
-            resolved.append(int(layer) % depth)
-        return resolved
+        return resolve_indices(layers, self.num_layers, "a language model")
 
     # ---- inputs and hidden states ------------------------------------------------------------------
 
@@ -131,18 +122,18 @@ class PaliGemmaPrefixAdapter:
         Differentiable: the student backpropagates through it.
         """
         resolved = self.resolve_layers(layers)
-        device = next(self.policy.parameters()).device
-        images_u8 = {k: inputs[k].to(device) for k in self.image_keys if k in inputs}
-        if not images_u8:
-            raise KeyError(f"prefix_hidden: inputs hold none of the cameras {self.image_keys}")
-        images, img_masks = self.policy._preprocess_images({k: v.float() / 255.0 for k, v in images_u8.items()})
-        tokens = inputs[OBS_LANGUAGE_TOKENS].to(device)
-        token_masks = inputs[OBS_LANGUAGE_ATTENTION_MASK].to(device)
-
+        images, img_masks, tokens, token_masks = self._model_inputs(inputs)
         embs, pad_masks, attention_mask, n_image = self._embed_prefix(images, img_masks, tokens, token_masks)
         if n_image != self.num_image_tokens:
             raise RuntimeError(f"prefix has {n_image} image tokens, expected {self.num_image_tokens}")
 
+        return _prefix(self._layer_outputs(embs, pad_masks, attention_mask, resolved), pad_masks, n_image)
+
+    def _layer_outputs(
+        self, embs: torch.Tensor, pad_masks: torch.Tensor, attention_mask: torch.Tensor, resolved: list[int]
+    ) -> torch.Tensor:
+        """[B, L, T, D]: the outputs of the language model's layers `resolved` over `embs`, run as the
+        policy runs its prefix (pi0-fast: its whole training sequence)."""
         captured: dict[int, torch.Tensor] = {}
         handles = [
             self._language_model.layers[i].register_forward_hook(_capture(captured, i)) for i in sorted(set(resolved))
@@ -159,15 +150,37 @@ class PaliGemmaPrefixAdapter:
         finally:
             for handle in handles:
                 handle.remove()
+        return torch.stack([captured[i] for i in resolved], dim=1)
 
-        token_mask = pad_masks.bool()
-        image_mask = torch.zeros_like(token_mask)
-        image_mask[:, :n_image] = True
-        hidden = torch.stack([captured[i] for i in resolved], dim=1)  # [B, L, T, D]
-        # Padding rows have every key masked (uniform attention over the whole sequence), so their
-        # values are arbitrary: zero them, so teacher and student agree exactly there too.
-        hidden = hidden.masked_fill(~token_mask[:, None, :, None], 0.0)
-        return PrefixHidden(hidden=hidden, token_mask=token_mask, image_mask=image_mask)
+    def _model_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[list, list, torch.Tensor, torch.Tensor]:
+        """(images, image masks, prompt tokens, prompt mask) on the policy's device, from cached inputs,
+        through the policy's own image preprocessing."""
+        device = next(self.policy.parameters()).device
+        images_u8 = {k: inputs[k].to(device) for k in self.image_keys if k in inputs}
+        if not images_u8:
+            raise KeyError(f"anchor inputs hold none of the cameras {self.image_keys}")
+        images, img_masks = self.policy._preprocess_images({k: v.float() / 255.0 for k, v in images_u8.items()})
+        return images, img_masks, inputs[OBS_LANGUAGE_TOKENS].to(device), inputs[OBS_LANGUAGE_ATTENTION_MASK].to(device)
+
+    # ---- the action path ---------------------------------------------------------------------------
+
+    def flow_draws(self) -> tuple[list[int], dict[str, float]] | None:
+        return None
+
+    def action_inputs(self, batch, inputs, terms, draws) -> dict[str, torch.Tensor]:
+        self._check_terms(terms)
+        return {}
+
+    def anchor_forward(self, inputs, layers, terms=(), expert_layers=()) -> AnchorHidden:
+        """The prefix-only pass when no action-path term is asked for; subclasses run the action path."""
+        self._check_terms(terms)
+        return AnchorHidden(prefix=self.prefix_hidden(inputs, layers), action=ActionPathHidden())
+
+    def _check_terms(self, terms) -> None:
+        unknown = [t for t in terms if t not in self.action_terms]
+        if unknown:
+            have = ", ".join(self.action_terms) or "none"
+            raise ValueError(f"{self.policy_type} cannot anchor {unknown} (its action-path terms: {have})")
 
     # ---- identity ----------------------------------------------------------------------------------
 
@@ -184,6 +197,32 @@ class PaliGemmaPrefixAdapter:
             "hidden_dim": self.hidden_dim,
             "prefix_layout": "images+prompt",
         }
+
+
+def resolve_indices(layers: Sequence[int], depth: int, what: str) -> list[int]:
+    """Absolute layer indices of `layers` (negative ones count from the last) in a stack of `depth`."""
+    if len(layers) == 0:
+        raise ValueError("resolve_layers: no layers requested")
+    resolved = []
+    for layer in layers:
+        if not -depth <= int(layer) < depth:
+            raise IndexError(
+                f"layer index {layer} is out of range for {what} with {depth} layers (valid: {-depth}..{depth - 1})"
+            )
+        resolved.append(int(layer) % depth)
+    return resolved
+
+
+def _prefix(hidden: torch.Tensor, pad_masks: torch.Tensor, n_image: int) -> PrefixHidden:
+    """PrefixHidden of layer outputs [B, L, T, D] over a prefix with padding mask [B, T] whose first
+    `n_image` positions are image tokens."""
+    token_mask = pad_masks.bool()
+    image_mask = torch.zeros_like(token_mask)
+    image_mask[:, :n_image] = True
+    # Padding rows have every key masked (uniform attention over the whole sequence), so their
+    # values are arbitrary: zero them, so teacher and student agree exactly there too.
+    hidden = hidden.masked_fill(~token_mask[:, None, :, None], 0.0)
+    return PrefixHidden(hidden=hidden, token_mask=token_mask, image_mask=image_mask)
 
 
 def _capture(store: dict[int, torch.Tensor], index: int):

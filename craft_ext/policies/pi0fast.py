@@ -4,6 +4,11 @@ pi0-fast's prefix is embedded by lerobot's `embed_prefix_fast` and run through t
 model with the same position ids and attention mask as the training forward; prefix positions never
 attend to the action tokens that follow, so these hidden states equal the prefix positions of a
 training forward on the same batch (craft_ext.policies.paligemma_prefix).
+
+The action tokens are decoded by the same language model. With the "action_tokens" term,
+`anchor_forward` runs the training sequence [prefix; the teacher's own greedy FAST tokens of the row]
+(teacher-forced, as `PI0FastPytorch.forward` does, without the LM head) and returns the layer outputs at
+the prefix and at the action-token positions from that one forward.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from lerobot.utils.constants import (
     OBS_LANGUAGE_TOKENS,
 )
 
-from craft_ext.policies.paligemma_prefix import PaliGemmaPrefixAdapter
+from craft_ext.policies.base import ACTION_TOKEN_MASK_KEY, ACTION_TOKENS_KEY, ActionPathHidden, AnchorHidden
+from craft_ext.policies.paligemma_prefix import PaliGemmaPrefixAdapter, _prefix
 from craft_ext.policies.tokenizer_identity import action_tokenizer_sha256, text_tokenizer_sha256
 
 POLICY_TYPE = "pi0_fast"
@@ -30,6 +36,8 @@ class Pi0FastAdapter(PaliGemmaPrefixAdapter):
     """PolicyAdapter (craft_ext.policies.base) for lerobot's PI0FastPolicy."""
 
     policy_type = POLICY_TYPE
+    #: hidden states at the teacher's own action tokens (craft_ext.anchors.manifest.ActionPathInfo)
+    action_terms = ("action_tokens",)
 
     def task_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """pi0-fast's own training loss (next FAST-token cross-entropy) on a preprocessed batch.
@@ -62,6 +70,49 @@ class Pi0FastAdapter(PaliGemmaPrefixAdapter):
         if self._language_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:
             embs = embs.to(torch.bfloat16)  # as PI0FastPytorch.forward does
         return embs, pad_masks, prepare_attention_masks_4d(att_masks, dtype=embs.dtype), n_image
+
+    # ---- the action path ---------------------------------------------------------------------------
+
+    def action_inputs(self, batch, inputs, terms, draws) -> dict[str, torch.Tensor]:
+        """The teacher's own FAST tokens of each row: greedy decoding (lerobot's KV-cache decoder) from
+        the cached inputs, as [BOS, generated ...] up to and including the first end-of-action "|",
+        padded to max_action_tokens, with their mask."""
+        self._check_terms(terms)
+        if not terms:
+            return {}
+        images, img_masks, tokens, token_masks = self._model_inputs(inputs)
+        config, tokenizer = self.policy.config, self.policy._paligemma_tokenizer
+        with torch.no_grad():
+            generated = self.policy.model.sample_actions_fast_kv_cache(
+                images, img_masks, tokens, token_masks, max_decoding_steps=config.max_action_tokens - 1, temperature=0.0
+            )
+        bos = torch.full_like(generated[:, :1], tokenizer.bos_token_id)
+        sequence = torch.cat([bos, generated], dim=1)
+        end = sequence == tokenizer.convert_tokens_to_ids("|")
+        end[:, 0] = False
+        after_end = (torch.cumsum(end.int(), dim=1) - end.int()) > 0
+        return {ACTION_TOKENS_KEY: sequence.masked_fill(after_end, 0).long(), ACTION_TOKEN_MASK_KEY: ~after_end}
+
+    def anchor_forward(self, inputs, layers, terms=(), expert_layers=()) -> AnchorHidden:
+        """Prefix hidden states of `layers`, and with "action_tokens" the same layers' outputs at the
+        cached action tokens, from one teacher-forced forward of the training sequence."""
+        self._check_terms(terms)
+        if not terms:
+            return super().anchor_forward(inputs, layers)
+        resolved = self.resolve_layers(layers)
+        images, img_masks, tokens, token_masks = self._model_inputs(inputs)
+        actions = inputs[ACTION_TOKENS_KEY].to(tokens.device)
+        action_mask = inputs[ACTION_TOKEN_MASK_KEY].to(tokens.device).bool()
+        embs, pad_masks, att_masks, n_image, n_actions = self.policy.model.embed_prefix_fast(
+            images, img_masks, tokens, token_masks, fast_action_tokens=actions, fast_action_masks=action_mask
+        )
+        if self._language_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:
+            embs = embs.to(torch.bfloat16)
+        hidden = self._layer_outputs(embs, pad_masks, prepare_attention_masks_4d(att_masks, dtype=embs.dtype), resolved)
+        length = hidden.shape[2] - n_actions
+        prefix = _prefix(hidden[:, :, :length], pad_masks[:, :length], n_image)
+        at_actions = hidden[:, :, length:].masked_fill(~action_mask[:, None, :, None], 0.0)
+        return AnchorHidden(prefix=prefix, action=ActionPathHidden(action_tokens=at_actions, action_token_mask=action_mask))
 
     def identity(self) -> dict[str, Any]:
         """What an anchor cache built with this model must match (recorded in its manifest).

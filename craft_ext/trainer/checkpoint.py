@@ -14,6 +14,7 @@ does `last` move (a symlink swapped in with one rename).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 from lerobot.common.train_utils import get_step_checkpoint_dir, load_training_state, save_checkpoint
 from lerobot.utils.constants import LAST_CHECKPOINT_LINK, TRAINING_STATE_DIR
 
-from ..durable import fsync_path, fsync_tree
+from ..utils.durable import fsync_path, fsync_tree
 
 CRAFT_STATE_FILE = "craft_state.json"
 CRAFT_STATE_VERSION = 1
@@ -69,9 +70,14 @@ def save_training_checkpoint(output_dir: Path, step: int, total_steps: int, stat
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(final.parent)
     tmp = final.parent / f".{final.name}.tmp"
-    save_checkpoint(checkpoint_dir=tmp, step=step, **lerobot_kwargs)
-    (tmp / TRAINING_STATE_DIR / CRAFT_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
-    fsync_tree(tmp)
+    try:
+        save_checkpoint(checkpoint_dir=tmp, step=step, **lerobot_kwargs)
+        (tmp / TRAINING_STATE_DIR / CRAFT_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
+        fsync_tree(tmp)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise CheckpointWriteError(_disk_full_message(final, tmp, lerobot_kwargs)) from exc
 
     if final.exists():  # the same step saved again (after a resume): swap, never delete first
         old = final.parent / f".{final.name}.old"
@@ -83,6 +89,73 @@ def save_training_checkpoint(output_dir: Path, step: int, total_steps: int, stat
     fsync_path(final.parent)
     _point_last_at(final)
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written for lack of space; its partial directory was removed and `last`
+    still points at the previous complete checkpoint (the message says which, and the space needed)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a full disk or quota: OSError ENOSPC/EDQUOT, or safetensors'
+    Rust-side error, which carries the OS error only in its text."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "StorageFull" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full_message(final: Path, tmp: Path, lerobot_kwargs: dict[str, Any]) -> str:
+    """One line: which checkpoint, where, the space it needs against what is free, and the state of `last`
+    (after removing the partial checkpoint, which would otherwise keep holding the space)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoints = final.parent
+    last = checkpoints / LAST_CHECKPOINT_LINK
+    previous = last.resolve() if last.exists() else None
+    if previous is not None:
+        needed, basis = _tree_bytes(previous), f"the size of checkpoint {previous.name}"
+    else:
+        needed, basis = _state_bytes(lerobot_kwargs), "the weights and optimizer state alone"
+    free = shutil.disk_usage(checkpoints).free
+    kept = (
+        f"`last` still points at the complete checkpoint {previous.name}" if previous is not None
+        else "no earlier checkpoint exists"
+    )
+    return (
+        f"checkpoint {final.name} was not written: no space left on the device of {checkpoints} (it needs about "
+        f"{_mb(needed)}, {basis}; {_mb(free)} free). The partial checkpoint was removed; {kept}. Free space and "
+        "resume, or point --output_dir at a larger disk"
+    )
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _state_bytes(lerobot_kwargs: dict[str, Any]) -> int:
+    """The bytes of the policy's tensors and the optimizer's state: a lower bound of a checkpoint's size."""
+    import torch
+
+    total = 0
+    policy, optimizer = lerobot_kwargs.get("policy"), lerobot_kwargs.get("optimizer")
+    if policy is not None:
+        total += sum(t.numel() * t.element_size() for t in policy.state_dict().values() if isinstance(t, torch.Tensor))
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    return total
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def load_training_checkpoint(

@@ -7,15 +7,16 @@ student adapter once the policy is built). After the first step: whether the stu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-from ..anchors.manifest import AnchorCacheError, Manifest
+from ..anchors.manifest import AnchorCacheError, Manifest, parse_term_weights
 from ..anchors.reader import AnchorCache
 from ..anchors.validate import check_compatible
 from ..config import CraftConfig
-from ..data import require_dataset_root
 from ..policies.base import PolicyAdapter
 from ..train_config import CraftTrainPipelineConfig
+from ..utils.data import require_dataset_root
 
 
 def check_supported(cfg: CraftTrainPipelineConfig) -> None:
@@ -57,7 +58,9 @@ def check_distributed(accelerator, cfg: CraftTrainPipelineConfig) -> None:
             "--nproc_per_node=N (N > 1), or leave --craft.sharding at none"
         )
     if cfg.craft.sharding == "fsdp2" and cfg.peft is not None:
-        raise ValueError("--craft.sharding=fsdp2 with --peft.*: adapters are small, train them data parallel (--craft.sharding=none)")
+        raise ValueError(
+            "--craft.sharding=fsdp2 with --peft.*: adapters are small, train them data parallel (--craft.sharding=none)"
+        )
 
 
 def check_dataset_exists(cfg: CraftTrainPipelineConfig) -> None:
@@ -68,13 +71,23 @@ def check_dataset_exists(cfg: CraftTrainPipelineConfig) -> None:
 
 def open_anchor_cache(craft: CraftConfig) -> AnchorCache:
     """Open the cache (its rows are checked against their hashes whenever they are read; with
-    --craft.verify_cache every shard's sha256 is also checked now); errors name the path and the problem."""
+    --craft.verify_cache every shard's sha256 is also checked now); errors name the path and the problem.
+    --craft.term_weights replaces the cache's weights of the terms it names, for this run."""
     try:
         cache = AnchorCache(craft.anchor_cache)
         if craft.verify_cache:
             cache.verify()
     except AnchorCacheError as exc:
         raise AnchorCacheError(f"--craft.anchor_cache={craft.anchor_cache}: {exc}") from exc
+    if craft.term_weights is not None:
+        weights = parse_term_weights(craft.term_weights, "--craft.term_weights")
+        terms = cache.manifest.terms
+        if any(t not in terms for t in weights):
+            raise ValueError(f"--craft.term_weights={craft.term_weights}: the cache anchors only {', '.join(terms)}")
+        merged = {**cache.manifest.weights(), **weights}
+        if sum(merged.values()) <= 0:
+            raise ValueError(f"--craft.term_weights={craft.term_weights}: the weights of {', '.join(terms)} sum to 0")
+        cache.manifest = dataclasses.replace(cache.manifest, term_weights=merged)
     return cache
 
 

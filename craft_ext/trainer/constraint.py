@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..anchors.reader import AnchorBatch, AnchorCache, AnchorLoader, AnchorSampler
+from ..baselines.fixed_penalty import CONTROLLER as FIXED
+from ..baselines.fixed_penalty import FixedPenalty
 from ..config import CraftConfig
-from ..dual import LagrangeMultiplier, epsilon_schedule
+from ..engine.dual import LagrangeMultiplier, epsilon_schedule
 from .checkpoint import CraftState
 
 
@@ -21,17 +23,30 @@ class Constraint:
     """
 
     def __init__(
-        self, craft: CraftConfig, cache: AnchorCache, *, total_steps: int, seed: int, rank: int, device: torch.device, world: int = 1
+        self,
+        craft: CraftConfig,
+        cache: AnchorCache,
+        *,
+        total_steps: int,
+        seed: int,
+        rank: int,
+        device: torch.device,
+        world: int = 1,
     ):
         self.craft = craft
         self.decay_steps = craft.epsilon_decay_steps or total_steps
-        self.multiplier = LagrangeMultiplier(
-            craft.lambda_init, craft.lambda_lr, craft.lambda_max, craft.controller, kp=craft.pi_kp, ki=craft.pi_ki, ema=craft.pi_ema
-        )
+        if craft.controller == FIXED:  # the fixed-weight penalty baseline: lambda never moves
+            self.multiplier = FixedPenalty(craft.lambda_init, craft.lambda_max)
+        else:
+            self.multiplier = LagrangeMultiplier(
+                craft.lambda_init, craft.lambda_lr, craft.lambda_max, craft.controller,
+                kp=craft.pi_kp, ki=craft.pi_ki, ema=craft.pi_ema,
+            )
         self.global_batch = craft.anchor_batch_size * world
         sampler = AnchorSampler(len(cache), self.global_batch, craft.anchor_seed if craft.anchor_seed is not None else seed)
         rows = cache if world == 1 else RankRows(cache, rank, craft.anchor_batch_size)
-        self.anchors = AnchorLoader(rows, sampler, device=device, prefetch=max(craft.anchor_prefetch, craft.gradient_accumulation_steps))
+        prefetch = max(craft.anchor_prefetch, craft.gradient_accumulation_steps)
+        self.anchors = AnchorLoader(rows, sampler, device=device, prefetch=prefetch)
 
     @property
     def lam(self) -> float:

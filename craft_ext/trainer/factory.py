@@ -18,10 +18,10 @@ from lerobot.datasets.factory import make_train_eval_datasets
 from lerobot.policies import make_policy, make_pre_post_processors
 from lerobot.utils.collate import lerobot_collate_fn
 
-from ..data import dataset_errors
+from ..baselines.peft import apply_peft
 from ..policies.loading import preprocessor_overrides
 from ..train_config import CraftTrainPipelineConfig
-from .peft import apply_peft
+from ..utils.data import dataset_errors
 
 
 def make_accelerator(cfg: CraftTrainPipelineConfig):
@@ -43,9 +43,51 @@ def make_accelerator(cfg: CraftTrainPipelineConfig):
     )
 
 
+def make_optimizer_and_scheduler(cfg: CraftTrainPipelineConfig, policy, device: torch.device):
+    """lerobot's `make_optimizer_and_scheduler` (same presets and parameter groups), with
+    --craft.fused_adamw: lerobot's adam / adamw optimizer built with torch's fused kernel."""
+    from lerobot.optim.factory import make_optimizer_and_scheduler as lerobot_optimizer_and_scheduler
+
+    if not use_fused_adamw(cfg, device):
+        return lerobot_optimizer_and_scheduler(cfg, policy)
+    from dataclasses import asdict
+
+    params = policy.get_optim_params() if cfg.use_policy_training_preset else policy.parameters()
+    kwargs = asdict(cfg.optimizer)  # what lerobot's AdamConfig / AdamWConfig.build pass to torch
+    kwargs.pop("grad_clip_norm")
+    optimizer = (torch.optim.AdamW if cfg.optimizer.type == "adamw" else torch.optim.Adam)(params, **kwargs, fused=True)
+    scheduler = cfg.scheduler.build(optimizer, cfg.steps) if cfg.scheduler is not None else None
+    return optimizer, scheduler
+
+
+def use_fused_adamw(cfg: CraftTrainPipelineConfig, device: torch.device) -> bool:
+    """Whether this run's optimizer uses torch's fused Adam(W) kernel: --craft.fused_adamw, or, when
+    null, on CUDA with lerobot's adam / adamw optimizer. Raises for true with another optimizer."""
+    adam = cfg.optimizer is not None and cfg.optimizer.type in ("adam", "adamw")
+    if cfg.craft.fused_adamw is None:
+        return adam and device.type == "cuda"
+    if cfg.craft.fused_adamw and not adam:
+        raise ValueError(
+            f"--craft.fused_adamw=true needs lerobot's adam or adamw optimizer, not {cfg.optimizer.type!r}"
+            if cfg.optimizer is not None else "--craft.fused_adamw=true: the run has no optimizer config"
+        )
+    return cfg.craft.fused_adamw
+
+
+def keep_optimizer_kernel(optimizer, fused: bool) -> None:
+    """After a checkpoint's optimizer state is loaded: the run's kernel choice, not the saved run's
+    (torch takes each param group's `fused` flag from the loaded state)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for group in inner.param_groups:
+        if "fused" in group:  # torch's Adam / AdamW (as built: fused True or None, foreach None)
+            group["fused"] = True if fused else None
+            if fused:
+                group["foreach"] = None
+
+
 def load_datasets(cfg: CraftTrainPipelineConfig):
     """(train, held-out or None) through lerobot's factory; a failure names the dataset and, for a
-    local root, what is wrong with it (`craft_ext.data.dataset_errors`)."""
+    local root, what is wrong with it (`craft_ext.utils.data.dataset_errors`)."""
     with dataset_errors(cfg.dataset.repo_id, cfg.dataset.root):
         return make_train_eval_datasets(cfg)
 

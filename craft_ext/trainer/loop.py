@@ -1,7 +1,7 @@
 """The training run: `setup` builds everything from the config, `run_loop` steps it.
 
 `train(cfg)` = validate, `setup`, `run_loop`. The loop writes metrics, periodic checkpoints, and on
-SIGINT/SIGTERM one more checkpoint after the current step (craft_ext.stopping; docs/architecture.md,
+SIGINT/SIGTERM one more checkpoint after the current step (craft_ext.trainer.stopping; docs/architecture.md,
 "Data flow").
 """
 
@@ -16,21 +16,21 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.data import default_collate
-from tqdm import tqdm
 
 from lerobot.common.train_utils import load_training_step, should_save_checkpoint
-from lerobot.optim.factory import make_optimizer_and_scheduler
-from lerobot.utils.constants import TRAINING_STATE_DIR
 from lerobot.utils.collate import lerobot_collate_fn
+from lerobot.utils.constants import TRAINING_STATE_DIR
 from lerobot.utils.random_utils import set_seed
-from lerobot.utils.utils import cycle, inside_slurm
+from lerobot.utils.utils import cycle
 
-from ..cli_logging import quiet_policy_load
-from ..data import images_to_float
+from ..baselines import Baselines, make_baselines
+from ..baselines.peft import check_constraint_can_act
+from ..engine.step import CraftStep, split_frames
 from ..policies import make_adapter
 from ..policies.base import PolicyAdapter
-from ..stopping import StopOnSignal, agree_to_stop
 from ..train_config import CraftTrainPipelineConfig
+from ..utils.cli_logging import progress, quiet_policy_load
+from ..utils.data import images_to_float
 from .checkpoint import CraftState, load_training_checkpoint, save_training_checkpoint
 from .checks import (
     check_cache_fits,
@@ -46,16 +46,17 @@ from .factory import (
     build_processors,
     frames_per_step,
     held_out_loader,
+    keep_optimizer_kernel,
     load_datasets,
     make_accelerator,
     make_dataloader,
+    make_optimizer_and_scheduler,
+    use_fused_adamw,
 )
 from .metrics import MetricsLog, MetricsWindow, progress_postfix
-from .peft import check_constraint_can_act
+from .output_dir import check_resumable, hold_output_dir
 from .sharding import Parallelism, load_optimizer_state
-from .l2sp import L2SP
-from .replay import Replay, make_replay
-from .step import CraftStep, split_frames
+from .stopping import StopOnSignal, agree_to_stop
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Run:
     scheduler: Any
     loader: Any
     eval_loader: Any | None
-    replay: Replay | None  # --replay.*: old frames appended to every micro-batch
+    baselines: Baselines  # replay and L2-SP (craft_ext.baselines)
     engine: CraftStep
     parallel: Parallelism
     constraint: Constraint | None
@@ -122,11 +123,13 @@ def train(cfg: CraftTrainPipelineConfig, *, probe: Probe | None = None) -> Train
     start = time.perf_counter()
     cfg.validate()
     check_supported(cfg)
-    if cfg.resume:
-        finished = _finished_run(cfg, start)
-        if finished is not None:
-            return finished
-    return run_loop(setup(cfg), probe=probe, start=start)
+    check_resumable(cfg)
+    with hold_output_dir(cfg):  # one run per --output_dir, taken before anything is built
+        if cfg.resume:
+            finished = _finished_run(cfg, start)
+            if finished is not None:
+                return finished
+        return run_loop(setup(cfg), probe=probe, start=start)
 
 
 def setup(cfg: CraftTrainPipelineConfig) -> Run:
@@ -151,7 +154,7 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
     parallel = Parallelism(accelerator, cfg.craft.sharding)
     policy = parallel.prepare(policy, adapter.fsdp_units)  # rank 0's weights everywhere, then sharded (fsdp2)
     adapter = parallel.adapter(adapter)
-    optimizer, scheduler = make_optimizer_and_scheduler(cfg, policy)
+    optimizer, scheduler = make_optimizer_and_scheduler(cfg, policy, device)  # lerobot's, with --craft.fused_adamw
 
     step, state = 0, CraftState(enabled=cfg.craft.enable)
     if cfg.resume:
@@ -161,6 +164,7 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
         )
         if parallel.sharded:
             load_optimizer_state(optimizer, cfg.checkpoint_path)
+        keep_optimizer_kernel(optimizer, use_fused_adamw(cfg, device))
         if state.enabled != cfg.craft.enable:
             raise ValueError(
                 f"the checkpoint {cfg.checkpoint_path} was trained with craft.enable={state.enabled}, "
@@ -185,10 +189,12 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
         max_norm=cfg.optimizer.grad_clip_norm if cfg.optimizer.grad_clip_norm > 0 else None,
         bucket_bytes=int(cfg.craft.bucket_mb * 2**20),
     )
-    if cfg.l2sp.strength > 0:
-        engine.l2sp = L2SP.for_run(engine.bufs, cfg.l2sp.strength, cfg.output_dir, resume=cfg.resume, is_main=accelerator.is_main_process)
     collate = lerobot_collate_fn if dataset.meta.has_language_columns else default_collate
-    replay = make_replay(cfg, dataset, accelerator.process_index, collate)
+    baselines = make_baselines(
+        cfg, engine.bufs, dataset, rank=accelerator.process_index, collate=collate, is_main=accelerator.is_main_process
+    )
+    if baselines.changes_task_gradient:
+        engine.before_surgery = baselines.adjust_task_gradient
     constraint = None
     if cache is not None:
         constraint = Constraint(
@@ -221,7 +227,7 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
         scheduler=scheduler,
         loader=loader,
         eval_loader=held_out_loader(cfg, eval_dataset, device),
-        replay=replay,
+        baselines=baselines,
         engine=engine,
         parallel=parallel,
         constraint=constraint,
@@ -239,10 +245,10 @@ def run_loop(run: Run, *, probe: Probe | None = None, start: float | None = None
     batches = cycle(run.loader)
     camera_keys = run.dataset.meta.camera_keys
     run.policy.train()
-    bar = tqdm(
-        total=cfg.steps, initial=step, desc="craft" if constraint else "plain", unit="step",
-        disable=not run.is_main or inside_slurm(),
-    )  # fmt: skip
+    bar = progress(  # a bar on a terminal, a line per log step in a log file
+        cfg.steps, initial=step, desc="craft" if constraint else "plain", disable=not run.is_main,
+        every=None if cfg.log_freq > 0 else max(1, cfg.steps // 20),
+    )
     stop = StopOnSignal()
     devices = (run.accelerator.num_processes, run.accelerator.device)
     with stop, bar, constraint.anchors if constraint is not None else contextlib.nullcontext():
@@ -251,8 +257,7 @@ def run_loop(run: Run, *, probe: Probe | None = None, start: float | None = None
             lr = run.optimizer.param_groups[0]["lr"]
             micro = cfg.craft.gradient_accumulation_steps  # one loader batch of micro * --batch_size frames
             parts = split_frames(next(batches), micro)
-            if run.replay is not None:
-                parts = run.replay.mix(parts, step)
+            parts = run.baselines.mix(parts, step)
             batch = [run.preprocessor(images_to_float(part, camera_keys)) for part in parts]
             anchors = _anchor_batches(constraint, step, micro)
             epsilon = constraint.epsilon(step) if constraint is not None else None

@@ -1,4 +1,5 @@
-"""Training metrics: averaged over each log window, appended to `metrics.jsonl`, shown on the progress bar.
+"""Training metrics: averaged over each log window, appended to `metrics.jsonl`, shown on the progress
+display (a bar on a terminal, a line per log step otherwise: craft_ext.utils.cli_logging.progress).
 
 One JSON object per log step, e.g.
     {"step": 200, "loss_task": 1.93, "loss_ret": 0.041, "lambda": 1.7, "epsilon": 0.05, "cos": -0.12,
@@ -74,10 +75,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def progress_postfix(record: dict[str, Any]) -> dict[str, str]:
-    """The progress bar's short summary of a record: L_task, L_ret, lambda, epsilon."""
+    """The progress display's short summary of a record: L_task, L_ret, lambda, epsilon, each the mean over
+    the log window (--log_freq steps). lambda is labelled `lam_avg`: the summaries and tables at the end
+    of a run show lambda's last value ("final lambda"), which differs from the window's mean."""
     out = {"L_task": _fmt(record.get("loss_task"))}
     if "epsilon" in record:
-        out.update(L_ret=_fmt(record.get("loss_ret")), lam=_fmt(record.get("lambda")), eps=_fmt(record["epsilon"]))
+        out.update(L_ret=_fmt(record.get("loss_ret")), lam_avg=_fmt(record.get("lambda")), eps=_fmt(record["epsilon"]))
     return out
 
 

@@ -2,7 +2,7 @@
 "Many GPUs").
 
 `--craft.sharding=none` (default): every process holds the whole policy; the step's bucket reducer
-sums T and R over processes during the backward (`craft_ext.distributed.BucketReducer`).
+sums T and R over processes during the backward (`craft_ext.engine.distributed.BucketReducer`).
 `--craft.sharding=fsdp2`: `fully_shard` on every transformer block (each element of the policy's
 `nn.ModuleList`s; split by dtype where needed, `plan_units`) and on a root around the policy that
 holds the rest (embeddings, vision embeddings, projector, LM head); weights, T, R and the optimizer
@@ -30,12 +30,12 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..distributed import broadcast_parameters_, check_replicas_agree, fsdp_sum_gradients
 from ..policies.base import PrefixHidden
 
 
@@ -191,11 +191,11 @@ def gather_optimizer_state(optimizer) -> dict[str, Any]:
 def load_optimizer_state(optimizer, checkpoint_dir: Path) -> None:
     """Load a checkpoint's (full, index-keyed) optimizer state into a sharded optimizer: each process
     keeps its shard of every state tensor (the checkpoint directory must be readable by all)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     from lerobot.optim.optimizers import OPTIMIZER_PARAM_GROUPS, load_optimizer_state_dict
     from lerobot.utils.constants import TRAINING_STATE_DIR
     from lerobot.utils.io_utils import deserialize_json_into_object
-
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     saved = load_optimizer_state_dict(Path(checkpoint_dir) / TRAINING_STATE_DIR)
@@ -223,3 +223,39 @@ def _full(value, rank0: bool):
         # a copy that owns its storage (on the CPU `.cpu()` would keep the view, which safetensors refuses)
         return value.detach().to("cpu", copy=True) if rank0 else None
     return value
+
+
+def fsdp_sum_gradients(modules: Sequence[nn.Module]) -> None:
+    """Make FSDP2's reduce-scatter a plain SUM (no division by the world size, no NCCL PreMulSum,
+    which gloo lacks): the losses are already weighted by each rank's share (``loss_shares``)."""
+    for module in modules:
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def broadcast_parameters_(module: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (before any sharding): all ranks
+    start from the same weights whatever each loaded or initialised."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    works = [dist.broadcast(t.data, src=src, group=group, async_op=True) for t in tensors.values()]
+    for work in works:
+        work.wait()
+
+
+def check_replicas_agree(module: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Raise if any rank's replicated parameters differ from the others' (a float64 sum and sum of
+    squares per parameter, compared by one MAX and MIN all-reduce); one host read."""
+    named = [(n, p) for n, p in module.named_parameters()]
+    if not named:
+        return
+    fingerprint = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for _, p in named])
+    high, low = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    differs = ((high != low) & ~(high.isnan() & low.isnan())).any(dim=1)
+    if bool(differs.any()):
+        first = named[int(differs.nonzero()[0])][0]
+        raise RuntimeError(
+            f"the processes' copies of the model differ (first: {first}): they applied different updates; "
+            "resume from the last checkpoint"
+        )

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <vector>
 
 #include "../checks.h"
 #include "../dispatch.h"
@@ -87,7 +89,56 @@ at::Tensor grad_stats_cuda(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// grad_stats over the concatenation of pieces: stage 1 runs on each piece in turn, writing its blocks'
+// partials into one array, and stage 2 sums them all in a fixed order. Deterministic, no host sync; the
+// partials are per piece, so the result equals grad_stats of the concatenation to rounding, not bitwise.
+at::Tensor grad_stats_pieces_cuda(at::TensorList a, at::TensorList b) {
+  const int64_t pieces = static_cast<int64_t>(a.size());
+  TORCH_CHECK(pieces >= 1, "craft: grad_stats_pieces needs at least one piece");
+  TORCH_CHECK(static_cast<int64_t>(b.size()) == pieces, "craft: a and b must have the same number of pieces, got ",
+              pieces, " and ", b.size());
+  for (int64_t i = 0; i < pieces; ++i) {
+    check_buffer_pair(a[i], b[i], "a[i]", "b[i]");
+    TORCH_CHECK(a[i].scalar_type() == a[0].scalar_type() && a[i].device() == a[0].device(),
+                "craft: every piece must have the dtype and device of the first (", a[0].scalar_type(), " on ",
+                a[0].device(), "), piece ", i, " is ", a[i].scalar_type(), " on ", a[i].device());
+  }
+  const c10::cuda::CUDAGuard guard(a[0].device());
+  at::Tensor out = at::empty({3}, a[0].options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_grad_type(a[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<PackSplit> splits(pieces);
+    std::vector<int> blocks(pieces, 0);
+    int64_t total = 0;
+    for (int64_t i = 0; i < pieces; ++i) {
+      const int64_t n = a[i].numel();
+      splits[i] = split_for_packs<T>(a[i].const_data_ptr<T>(), b[i].const_data_ptr<T>(), n);
+      blocks[i] = n == 0 ? 0 : grid_for(std::max(splits[i].packs, splits[i].scalars(n, 16 / sizeof(T))), a[0].get_device());
+      total += blocks[i];
+    }
+    TORCH_CHECK(total <= std::numeric_limits<int>::max(), "craft: grad_stats_pieces: too many pieces");
+    at::Tensor partial = at::empty({3 * std::max<int64_t>(total, 1)}, a[0].options().dtype(at::kDouble));
+    double* pp = partial.mutable_data_ptr<double>();
+    int64_t offset = 0;
+    for (int64_t i = 0; i < pieces; ++i) {
+      if (blocks[i] == 0) continue;
+      stats_partial_kernel<T><<<blocks[i], kThreads, 0, stream>>>(a[i].const_data_ptr<T>(), b[i].const_data_ptr<T>(),
+                                                                   a[i].numel(), splits[i], pp + 3 * offset);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      offset += blocks[i];
+    }
+    stats_final_kernel<<<1, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), static_cast<int>(total),
+                                                   out.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace craft::cuda
 
-TORCH_LIBRARY_IMPL(craft, CUDA, m) { m.impl("grad_stats", &craft::cuda::grad_stats_cuda); }
+TORCH_LIBRARY_IMPL(craft, CUDA, m) {
+  m.impl("grad_stats", &craft::cuda::grad_stats_cuda);
+  m.impl("grad_stats_pieces", &craft::cuda::grad_stats_pieces_cuda);
+}
