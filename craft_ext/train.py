@@ -9,7 +9,8 @@ ignored); `--craft.*` configures the constraint (craft_ext.config), `--craft.ena
 fine-tuning through the same loop, and
 `--resume=true --config_path=OUT/checkpoints/last/pretrained_model/train_config.json` resumes.
 Ctrl-C or SIGTERM stops after the current step with a checkpoint (exit status 130 / 143); a second
-one aborts at once.
+one aborts at once. Bad input (a missing path, a full disk, an --output_dir another run holds) is one
+line and exit status 1; a flag given twice or unknown, two lines and exit status 2.
 
 With no arguments at all it runs the embedded offline demo (craft_ext.demo): two conflicting
 synthetic tasks, CRaFT vs plain fine-tuning, a table, report.json and a plot.

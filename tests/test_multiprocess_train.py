@@ -75,7 +75,7 @@ def wild_cache(kit, tmp_path_factory) -> Path:
         hidden = batch.hidden.clone()
         if wild in rows:
             hidden[wild - start] = 1e20  # squared: beyond float32, so this row's L_ret is infinite
-        writer.write_shard(shard, hidden, batch.mask, batch.inputs)
+        writer.write_shard(shard, hidden, batch.mask, batch.inputs, batch.targets)
         start += len(rows)
     writer.finalize(extra=source.manifest.extra)
     return root / "wild"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,8 +36,6 @@ def last_config(output_dir: Path) -> Path:
 def resume_command(config: Path) -> str:
     """The command that resumes the run whose last train_config.json is `config`, with the interpreter that
     is running now (`python` in a new shell is often another one, without torch)."""
-    import shlex
-
     return f"{shlex.quote(sys.executable)} -m craft_ext.train --resume=true --config_path={shlex.quote(str(config))}"
 
 
