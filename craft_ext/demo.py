@@ -167,7 +167,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     plot_demo({name: read_metrics(runs[name]["metrics"]) for name in RUNS}, bench.before, out / "report.png")
     print()
     print(demo_table(report))
-    if settings.policy_type in ("pi0", "pi05"):  # until the action path is anchored (issue 19): then remove this line
+    if settings.policy_type in ("pi0", "pi05") and not getattr(bench.cache.manifest.settings, "action_terms", ()):  # noqa: E501
         print("note: CRaFT anchors the prefix (images + prompt) only; pi0/pi0.5 act through the action expert, which is not anchored yet, so task-A actions are not expected to be retained")  # noqa: E501
     print(f"\nreport: {out / 'report.json'}\nplot:   {out / 'report.png'}")
     return report

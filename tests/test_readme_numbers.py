@@ -30,8 +30,8 @@ def defaults():
 
 def test_the_readme_states_the_demos_defaults(defaults):
     demo, kit = defaults
-    assert _number(README, r"same seed, data order and (\d+) steps") == demo.steps
-    assert _number(README, r"anchor cache of its hidden states on (\d+) frames of A") == demo.num_anchors
+    assert _number(README, r"seed, data order and (\d+) steps") == demo.steps
+    assert _number(README, r"anchor cache on (\d+) frames of A") == demo.num_anchors
     assert _number(README, r"Task A is measured on (\d+) held-out episodes") == kit.held_out_episodes
 
 

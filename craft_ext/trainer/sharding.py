@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..policies.base import PrefixHidden
+from ..policies.base import ActionPathHidden, AnchorHidden, PrefixHidden
 
 
 class Parallelism:
@@ -157,10 +157,22 @@ class ShardedAdapter:
         # FSDP finds the output tensors that need its backward hooks in tuples, not in dataclasses
         return PrefixHidden(*self._root(_prefix_tuple, self._adapter, inputs, layers))
 
+    def anchor_forward(self, inputs: dict[str, torch.Tensor], layers, terms=(), expert_layers=()) -> AnchorHidden:
+        """The one anchor forward of a cache that anchors the action path (issue 19), inside the root."""
+        out = self._root(_anchor_tuple, self._adapter, inputs, layers, tuple(terms), tuple(expert_layers))
+        return AnchorHidden(PrefixHidden(*out[:3]), ActionPathHidden(*out[3:]))
+
 
 def _prefix_tuple(adapter, inputs, layers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = adapter.prefix_hidden(inputs, layers)
     return out.hidden, out.token_mask, out.image_mask
+
+
+def _anchor_tuple(adapter, inputs, layers, terms, expert_layers) -> tuple[torch.Tensor | None, ...]:
+    out = adapter.anchor_forward(inputs, layers, terms, expert_layers)
+    action = out.action
+    prefix = (out.prefix.hidden, out.prefix.token_mask, out.prefix.image_mask)
+    return (*prefix, action.velocity, action.expert, action.action_tokens, action.action_token_mask)
 
 
 def gather_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
