@@ -9,6 +9,7 @@ and answers the host reads of fake tensors (which have no values) so that a fake
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import Counter
 
@@ -20,8 +21,6 @@ from torch.utils._pytree import tree_flatten
 CATEGORIES = ("parameters", "task_grad", "retain_grad", "optimizer", "inputs", "activations", "temporaries")
 #: divided N ways by FSDP2 (`shards`)
 SHARDED = ("parameters", "task_grad", "retain_grad", "optimizer")
-#: the phases that need R: filled by the anchor backward, read by the surgery
-R_PHASES = ("anchor_backward", "surgery")
 #: phases whose scratch is model-sized (the surgery's and the optimiser's): sharded under FSDP2
 MODEL_SIZED_PHASES = ("surgery", "optimizer")
 
@@ -80,6 +79,7 @@ class StorageCounter(TorchDispatchMode):
         self.shards = shards
         self.phase = "setup"
         self.host_reads: Counter = Counter()
+        self._new_category = "temporaries"
         self._last_read = None
         self.reset_peak()
 
@@ -87,7 +87,8 @@ class StorageCounter(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak, self.peak_at = -1, {}
-        self.lazy_r_peak = -1
+        self.category_peak = dict.fromkeys(CATEGORIES, 0)  # each category's own peak
+        self.live_in: dict[str, dict[str, None]] = {c: {} for c in CATEGORIES}  # phases it was live in, in order
         self.sharded_peak = dict.fromkeys(self.shards, -1.0)  # N -> per-GPU peak
         self.transient_peak = Counter()  # per phase: activations + temporaries
         self.transient_at_mark: dict[str, int] = {}
@@ -133,9 +134,10 @@ class StorageCounter(TorchDispatchMode):
         total = sum(self.live.values())
         if total > self.peak:
             self.peak, self.peak_at = total, {**self.live, "phase": self.phase}
-        lazy_r = total - (self.live["retain_grad"] if self.phase not in R_PHASES else 0)
-        if lazy_r > self.lazy_r_peak:
-            self.lazy_r_peak = lazy_r
+        for c, v in self.live.items():
+            if v > 0:
+                self.category_peak[c] = max(self.category_peak[c], v)
+                self.live_in[c].setdefault(self.phase)
         if self.shards:
             divided = sum(self.live[c] for c in SHARDED) + self.model_sized_scratch
             for n in self.shards:
@@ -161,6 +163,15 @@ class StorageCounter(TorchDispatchMode):
             else:
                 self._track(storage, category)
         self._check_peak()
+
+    @contextlib.contextmanager
+    def allocating(self, category: str):
+        """Within: new storages count as `category` from the start (not as temporaries first)."""
+        self._new_category = category
+        try:
+            yield
+        finally:
+            self._new_category = "temporaries"
 
     def saved(self, tensor):
         """saved_tensors_hooks pack hook: a temporary that autograd keeps is an activation.
@@ -195,6 +206,6 @@ class StorageCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage(), "temporaries")
+                self._track(t.untyped_storage(), self._new_category)
         self._check_peak()
         return out

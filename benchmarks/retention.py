@@ -39,7 +39,8 @@ from _harness import markdown_table as table
 from _harness import write_json
 
 METHODS = ("plain", "craft", "fixed", "replay", "l2sp", "lora")
-KNOB_NAMES = {"plain": "-", "craft": "epsilon", "fixed": "lambda", "replay": "fraction", "l2sp": "strength", "lora": "rank"}
+KNOB_NAMES = {"plain": "-", "craft": "epsilon", "fixed": "lambda", "replay": "fraction", "l2sp": "strength", "lora": "rank",
+              "craft_replay": "epsilon"}
 FULL = {
     "plain": [None],
     "craft": [0.01, 0.02, 0.04, 0.08, 0.16],
@@ -52,7 +53,7 @@ QUICK = {"plain": [None], "craft": [0.02, 0.08], "fixed": [1.0, 10.0], "replay":
 #: LoRA on every linear layer of the language model and the vision tower (PEFT's all-linear leaves out the head)
 LORA_TARGETS = "all-linear"
 LABELS = {"plain": "plain fine-tuning", "craft": "CRaFT", "fixed": "fixed penalty", "replay": "replay (anchor frames)",
-          "l2sp": "L2-SP", "lora": "LoRA"}
+          "l2sp": "L2-SP", "lora": "LoRA", "craft_replay": "CRaFT + replay"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,20 +172,38 @@ def _key(knob) -> str:
 
 def method_config(bench, settings, method: str, knob, seed: int, run_dir: Path):
     """The demo's fine-tuning config on task B with `method` at `knob`: same data, steps, lr and seed."""
+    from craft_ext.demo import train_config
+
+    config = train_config(bench, run_dir, settings, craft=uses_anchors(method))
+    config.seed = seed
+    return apply_method(config, method, knob, bench.cache_dir)
+
+
+#: CRaFT with replay (benchmarks/sim_retention.py): the anchor frames mixed in at this fraction
+CRAFT_REPLAY_FRACTION = 0.25
+
+
+def uses_anchors(method: str) -> bool:
+    """Whether `method` needs --craft.enable=true (the anchor cache and the constrained step)."""
+    return method in ("craft", "fixed", "craft_replay")
+
+
+def apply_method(config, method: str, knob, cache_dir: Path):
+    """`config` (a plain or a CRaFT fine-tuning config, as `uses_anchors` says) turned into `method`
+    at `knob`: the flags a user would add (--craft.*, --replay.*, --l2sp.*, --peft.*)."""
     from lerobot.configs.default import PeftConfig
 
     from craft_ext.config import ReplayConfig
-    from craft_ext.demo import train_config
 
-    config = train_config(bench, run_dir, settings, craft=method in ("craft", "fixed"))
-    config.seed = seed
-    if method == "craft":
+    if method in ("craft", "craft_replay") and knob is not None:  # None: --craft.epsilon_*'s defaults
         config.craft.epsilon_start = config.craft.epsilon_end = float(knob)
-    elif method == "fixed":
+    if method == "fixed":
         config.craft.controller, config.craft.project = "fixed", "never"
         config.craft.lambda_init = config.craft.lambda_max = float(knob)
     elif method == "replay":
-        config.replay = ReplayConfig(fraction=float(knob), frames_from_cache=bench.cache_dir)
+        config.replay = ReplayConfig(fraction=float(knob), frames_from_cache=cache_dir)
+    elif method == "craft_replay":
+        config.replay = ReplayConfig(fraction=CRAFT_REPLAY_FRACTION, frames_from_cache=cache_dir)
     elif method == "l2sp":
         config.l2sp.strength = float(knob)
     elif method == "lora":

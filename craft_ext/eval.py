@@ -15,6 +15,16 @@ backward transfer (the mean of base loss - loss over --old_tasks, by default eve
 forgetting). Writes eval.json and eval.png to --output_dir and prints a table.
 
 Each dataset is normalised with its own statistics, as lerobot-train does for the dataset it trains on.
+
+Closed loop (`pip install "craft_ext[sim]"`): lerobot's `--env.*` flags roll every model out in a
+simulator, --episodes seeded episodes per task (the same layouts for every model), and add the success
+rate per task with its 95% interval (and, against --base, its change) beside the losses, e.g.
+
+    python -m craft_ext.eval --base=... --checkpoints='[...]' \\
+        --env.type=craft_metaworld --env.task=reach-v3,drawer-open-v3 --episodes=50
+
+(`craft_metaworld`: MetaWorld v3, craft_ext.sim; lerobot's own env types are accepted too.) With
+--env, --datasets may be left out.
 """
 
 import datetime as dt
@@ -45,13 +55,21 @@ class EvalConfig:
     retention_rows: int = 0  # anchor rows to score (0 = all)
     device: str | None = None  # default: cuda if available, else cpu
     seed: int = 0  # seed of the frame subsets
+    # With --env.*: closed-loop episodes per task; episode k of a task is layout seed --start_seed + k.
+    episodes: int = 10
+    start_seed: int = 100_000  # first layout seed (craft_ext.sim.record's demonstrations start at 0)
+    env_batch_size: int = 1  # with --env.*: episodes run side by side (one batched policy call per step)
+    # With --env.*: env observation key -> the key the policy reads (lerobot-eval's --rename_map).
+    rename_map: dict[str, str] = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def validate(self, closed_loop: bool = False) -> None:
         if not self.checkpoints and self.base is None:
             raise ValueError("nothing to evaluate: pass --checkpoints='[DIR, ...]' and/or --base=DIR")
-        if not self.datasets and self.anchor_cache is None:
-            raise ValueError("nothing to evaluate on: pass --datasets='{REPO_ID: ROOT}' and/or --anchor_cache=DIR")
-        for name in ("max_frames", "batch_size"):
+        if not self.datasets and self.anchor_cache is None and not closed_loop:
+            raise ValueError(
+                "nothing to evaluate on: pass --datasets='{REPO_ID: ROOT}', --anchor_cache=DIR and/or --env.type=..."
+            )
+        for name in ("max_frames", "batch_size", "episodes", "env_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: expected >= 1")
         for name in ("decode_frames", "retention_rows"):
@@ -72,13 +90,14 @@ if __name__ == "__main__" and help_requested(sys.argv[1:]):
 
 import torch
 
-from craft_ext.utils.cli_args import cli_usage_errors
+from craft_ext.utils.cli_args import cli_usage_errors, split_section
 from craft_ext.utils.cli_logging import quiet_policy_load, quiet_video_backend_warning, setup_cli_logging
 
 quiet_video_backend_warning()
 
 from lerobot.configs import parser
 from lerobot.datasets import LeRobotDatasetMetadata
+from lerobot.envs.configs import EnvConfig
 from lerobot.utils.constants import PRETRAINED_MODEL_DIR
 
 from .anchors.manifest import AnchorCacheError
@@ -88,12 +107,16 @@ from .evaluation.measures import decoded_action_mse, finite_or_none, load_eval_s
 from .evaluation.report import eval_table, plot_eval
 from .policies import make_adapter
 from .policies.loading import check_policy_folder, load_policy, load_processors
+from .sim.config import parse_env_flags
+from .sim.rollout import evaluate as rollout
+from .sim.rollout import success_report
 from .utils.data import dataset_errors, require_dataset_root
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Evaluate every model on every dataset (and the cache); write eval.json and eval.png."""
-    cfg.validate()
+def evaluate(cfg: EvalConfig, env: EnvConfig | None = None) -> dict:
+    """Evaluate every model on every dataset (and the cache, and in closed loop on `env`); write
+    eval.json and eval.png."""
+    cfg.validate(closed_loop=env is not None)
     models = {label: path for label, path in _model_dirs(cfg)}
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = AnchorCache(cfg.anchor_cache) if cfg.anchor_cache is not None else None
@@ -125,6 +148,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         if cache is not None:
             check_compatible(cache.manifest, make_adapter(policy))
             entry["retention_loss"] = retention_on_cache(policy, cache, batch_size=cfg.batch_size, max_rows=cfg.retention_rows)
+        if env is not None:
+            preprocessor, postprocessor = load_processors(path, device=device)  # the statistics it was trained with
+            entry["success"] = success_report(rollout(
+                policy, preprocessor, postprocessor, env, episodes=cfg.episodes, start_seed=cfg.start_seed,
+                batch_size=cfg.env_batch_size, rename_map=cfg.rename_map,
+            ))
         results[label] = entry
         del policy
 
@@ -136,6 +165,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "base": cfg.base,
         "datasets": cfg.datasets,
         "anchor_cache": cfg.anchor_cache,
+        "env": None if env is None else {"type": env.type, "task": env.task, "episodes": cfg.episodes,
+                                         "start_seed": cfg.start_seed},
         "models": results,
         "json": str(out / "eval.json"),
         "plot": str(out / "eval.png"),
@@ -178,6 +209,8 @@ def _add_forgetting(results: dict, base_label: str, old_tasks: list[str]) -> Non
     for label, entry in results.items():
         if label == base_label:
             continue
+        for task, success in entry.get("success", {}).items():
+            success["change"] = success["rate"] - results[base_label]["success"][task]["rate"]
         for repo_id, scores in entry["datasets"].items():
             scores["forgetting"] = scores["task_loss"] - base[repo_id]["task_loss"]
         if old_tasks:
@@ -185,8 +218,8 @@ def _add_forgetting(results: dict, base_label: str, old_tasks: list[str]) -> Non
 
 
 @parser.wrap()
-def eval_cli(cfg: EvalConfig) -> dict:
-    return evaluate(cfg)
+def eval_cli(cfg: EvalConfig, env: EnvConfig | None = None) -> dict:
+    return evaluate(cfg, env)
 
 
 def main() -> int:
@@ -194,9 +227,14 @@ def main() -> int:
         print(help_page(EvalConfig, __doc__))
         return 0
     setup_cli_logging()
+    # --env.* are lerobot's env flags, parsed into lerobot's EnvConfig on their own (EvalConfig has no
+    # env field: its --help would then load lerobot's every env type)
+    args, env_args = split_section(sys.argv[1:], "env")
     try:
         with cli_usage_errors("python -m craft_ext.eval"):  # a flag twice, an unknown flag: two lines, status 2
-            report = eval_cli()
+            env = parse_env_flags(env_args) if env_args else None
+            sys.argv[1:] = args
+            report = eval_cli(env=env)
     except (ValueError, FileNotFoundError, AnchorCacheError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

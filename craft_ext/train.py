@@ -102,6 +102,7 @@ def main() -> int:
 def _run() -> int:
     from lerobot.configs import parser
 
+    from . import sim  # noqa: F401  (registers --env.type=craft_metaworld, MetaWorld v3)
     from .anchors.manifest import AnchorCacheError
     from .train_config import CraftTrainPipelineConfig
     from .trainer import NonFiniteTrainingError, TrainResult, train

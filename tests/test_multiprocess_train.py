@@ -183,16 +183,17 @@ def _lambda(run: Path) -> float:
 
 
 #: relative tolerance per metric. One process's batch of 8 and two batches of 4 round differently
-#: (~1e-7 relative); L_ret (~1e-6 here) is the mean square of a small difference of O(1) hidden
-#: states, so it and R carry that rounding magnified to ~1e-4, and so does the cosine (compared in
-#: absolute terms: it is near 0)
-TOLERANCE = {"loss_task": 1e-5, "task_norm": 1e-5, "grad_norm": 1e-5, "lambda": 1e-5, "loss_ret": 1e-3, "retain_norm": 1e-3}
+#: (~1e-7 relative: the task terms agree to that). L_ret (~1e-6 here) is the mean square of a small
+#: difference of O(1) hidden states, so it and R carry that rounding magnified to 1e-4..1e-3 (measured:
+#: up to 1.4e-4 and 1.0e-3 over the 12 steps), and the cosine too (compared in absolute terms: it is
+#: near 0). G = T + lambda R and lambda (driven by L_ret) inherit a share of it: up to 4.7e-5 and 1.5e-5.
+TOLERANCE = {"loss_task": 1e-5, "task_norm": 1e-5, "grad_norm": 1e-4, "lambda": 1e-4, "loss_ret": 3e-3, "retain_norm": 3e-3}
 COS_TOLERANCE = 1e-4
 
 
 def assert_same_run(a: Path, b: Path) -> None:
     """Step by step the same losses, norms, cosine, lambda and skips; the same final weights and
-    lambda to 1e-5."""
+    lambda (weights to 1e-5; lambda as TOLERANCE says)."""
     ra, rb = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, STEPS + 1))
     for x, y in zip(ra, rb, strict=True):
@@ -207,7 +208,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert _lambda(b) == pytest.approx(_lambda(a), rel=1e-5)
+    assert _lambda(b) == pytest.approx(_lambda(a), rel=TOLERANCE["lambda"])
 
 
 def test_two_processes_see_the_global_batch_of_one(runs):
@@ -247,10 +248,11 @@ def test_the_fsdp2_checkpoint_is_an_ordinary_lerobot_checkpoint(runs):
     )
     assert one.keys() == fsdp2.keys()  # the gathered optimizer state in lerobot's one-process layout
     for key in one:
-        # the moments agree to 1e-4 of their scale (small entries round more); a parameter whose
-        # gradient is zero up to rounding (~1e-13) has moments of pure rounding
+        # the moments agree to 1e-3 of their scale (they carry G's rounding, which R's dominates: see
+        # TOLERANCE; measured up to 9e-4); a parameter whose gradient is zero up to rounding (~1e-13)
+        # has moments of pure rounding
         scale = float(one[key].abs().max())
-        torch.testing.assert_close(fsdp2[key], one[key], rtol=1e-4, atol=max(1e-4 * scale, 1e-9), msg=key)
+        torch.testing.assert_close(fsdp2[key], one[key], rtol=1e-3, atol=max(2e-3 * scale, 1e-9), msg=key)
 
 
 def test_fsdp2_resume_after_a_killed_rank_equals_the_uninterrupted_run(runs):

@@ -30,7 +30,8 @@ None: a backward would then allocate fresh gradients outside the buffers (``use`
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Union
+import contextlib
+from typing import Callable, ContextManager, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -88,8 +89,9 @@ class FlatGrads:
         #: True while ``param.grad`` points at this storage (set by ``GradBuffers``): pieces allocated
         #: meanwhile are bound at once, a release unbinds
         self.bound = False
-        #: called with each piece as it is allocated (benchmarks/memory.py labels them)
-        self.on_allocate: Optional[Callable[[torch.Tensor], None]] = None
+        #: if set, a context entered around each piece's allocation (benchmarks/memory.py counts the
+        #: piece as T or R from its first byte)
+        self.allocation_context: Optional[Callable[[], ContextManager]] = None
         if not lazy:
             self.complete_()
 
@@ -127,6 +129,10 @@ class FlatGrads:
         if piece is None:
             raise RuntimeError(f"FlatGrads: piece {index} is not allocated (no gradient reached it yet)")
         return piece
+
+    def allocated_pieces(self) -> tuple[torch.Tensor, ...]:
+        """The pieces allocated now (all of them, for an eager or a completed storage)."""
+        return tuple(piece for piece in self._pieces if piece is not None)
 
     def grad(self, index: int) -> Optional[torch.Tensor]:
         """What ``param.grad`` of parameter ``index`` gets, or None while its piece is not allocated."""
@@ -170,10 +176,9 @@ class FlatGrads:
 
     def _allocate(self, k: int) -> None:
         dtype, numel, members = self._layout[k]
-        flat = torch.zeros(numel, dtype=dtype, device=self.device)
+        with self.allocation_context() if self.allocation_context is not None else contextlib.nullcontext():
+            flat = torch.zeros(numel, dtype=dtype, device=self.device)
         self._pieces[k] = flat
-        if self.on_allocate is not None:
-            self.on_allocate(flat)
         for i, offset in members:
             p = self._params[i]
             local = _local(p)

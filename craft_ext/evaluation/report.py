@@ -73,6 +73,8 @@ def eval_table(report: dict[str, Any]) -> str:
     has_bwt = any("backward_transfer" in m for m in models.values())
     header = ["model"] + [f"{d}: task loss (vs base)" for d in datasets] + [f"{d}: action MSE (decoded)" for d in datasets]
     header += ["retention loss"] * has_retention + ["backward transfer"] * has_bwt
+    tasks = list(next((m["success"] for m in models.values() if "success" in m), {}))
+    header += [f"{t}: success (95% CI)" for t in tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, model in models.items():
         cells = [label]
@@ -90,6 +92,11 @@ def eval_table(report: dict[str, Any]) -> str:
             cells.append(f"{model['retention_loss']:.4f}" if "retention_loss" in model else "-")
         if has_bwt:
             cells.append(f"{model['backward_transfer']:+.3f}" if "backward_transfer" in model else "-")
+        for t in tasks:
+            s = model["success"][t]
+            low, high = s["interval"]
+            change = f", {s['change'] * 100:+.0f} pts" if "change" in s else ""
+            cells.append(f"{s['successes']}/{s['episodes']} = {s['rate']:.0%} ({low:.0%}-{high:.0%}{change})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -99,7 +106,8 @@ def plot_eval(report: dict[str, Any], path: Path) -> Path:
     datasets = list(report["datasets"])
     models = report["models"]
     with_retention = [label for label, m in models.items() if "retention_loss" in m]
-    panels = (1 if datasets else 0) + (1 if with_retention else 0)
+    tasks = list(next((m["success"] for m in models.values() if "success" in m), {}))
+    panels = (1 if datasets else 0) + (1 if with_retention else 0) + (1 if tasks else 0)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     axes = list(axes[0])
     if datasets:
@@ -117,6 +125,19 @@ def plot_eval(report: dict[str, Any], path: Path) -> Path:
         ax.bar(with_retention, [models[label]["retention_loss"] for label in with_retention], color="tab:green")
         ax.set(title="retention loss vs the cached teacher", ylabel="retention loss")
         ax.tick_params(axis="x", labelrotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    if tasks:
+        ax = axes.pop(0)
+        width = 0.8 / len(models)
+        for i, (label, model) in enumerate(models.items()):
+            xs = [j + i * width for j in range(len(tasks))]
+            rates = [model["success"][t]["rate"] for t in tasks]
+            errors = [[r - model["success"][t]["interval"][0] for t, r in zip(tasks, rates, strict=True)],
+                      [model["success"][t]["interval"][1] - r for t, r in zip(tasks, rates, strict=True)]]
+            ax.bar(xs, rates, width=width, yerr=errors, capsize=3, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+        ax.set(title="closed-loop success (95% interval)", ylabel="success rate", ylim=(0, 1.05))
+        ax.legend()
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

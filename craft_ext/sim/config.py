@@ -84,3 +84,21 @@ class MetaWorldV3Config(EnvConfig):
             task: {0: vector_env([freeze_after_episode_end(partial(MetaWorldV3Env, task=task, **self.gym_kwargs))] * n_envs)}
             for task in self.tasks
         }
+
+
+def parse_env_flags(args: list[str]) -> EnvConfig:
+    """lerobot's `--env.*` flags (`--env.type=craft_metaworld --env.task=reach-v3`) as the EnvConfig
+    lerobot-train / lerobot-eval would build from them: any registered env type, this one included."""
+    import draccus
+
+    from lerobot.configs.parser import PLUGIN_DISCOVERY_SUFFIX, filter_arg, load_plugin, parse_plugin_args
+
+    @dataclass
+    class _EnvFlags:
+        env: EnvConfig
+
+    args = list(args)
+    for flag, package in parse_plugin_args(PLUGIN_DISCOVERY_SUFFIX, args).items():  # --env.discover_packages_path
+        load_plugin(package)
+        args = filter_arg(flag, args)
+    return draccus.parse(config_class=_EnvFlags, args=args).env

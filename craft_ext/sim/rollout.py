@@ -65,6 +65,15 @@ def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def success_report(results: dict[str, TaskSuccess]) -> dict[str, dict]:
+    """`evaluate`'s results as JSON: per task successes, episodes, rate, 95% interval, seeds, seconds."""
+    return {
+        task: {"successes": r.successes, "episodes": r.episodes, "rate": r.rate, "interval": list(r.interval),
+               "seeds": list(r.seeds), "seconds": r.seconds}
+        for task, r in results.items()
+    }
+
+
 def evaluate(
     policy: PreTrainedPolicy,
     preprocessor: PolicyProcessorPipeline,

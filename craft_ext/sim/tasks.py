@@ -9,7 +9,10 @@ from __future__ import annotations
 
 def task_names() -> list[str]:
     """Every v3 task name lerobot knows a description and an expert for, sorted."""
-    from lerobot.envs.metaworld import TASK_DESCRIPTIONS, TASK_POLICY_MAPPING
+    try:
+        from lerobot.envs.metaworld import TASK_DESCRIPTIONS, TASK_POLICY_MAPPING
+    except ImportError as exc:
+        raise ValueError(f"MetaWorld needs the sim extra ({exc.name} is missing): pip install 'craft_ext[sim]'") from None
 
     return sorted(set(TASK_DESCRIPTIONS) & set(TASK_POLICY_MAPPING))
 

@@ -22,7 +22,6 @@ from ..utils.data import require_dataset_root
 def check_supported(cfg: CraftTrainPipelineConfig) -> None:
     """Refuse lerobot-train options whose behaviour this loop does not reproduce (never ignore them)."""
     unsupported = {
-        "--env.* (simulation evaluation during training; run lerobot-eval on the checkpoints)": cfg.env is not None,
         "--reward_model.* (reward-model training)": cfg.reward_model is not None,
         "--sample_weighting.*": cfg.sample_weighting is not None,
         "--job.target (remote jobs)": cfg.job.is_remote,
@@ -51,6 +50,11 @@ def check_distributed(accelerator, cfg: CraftTrainPipelineConfig) -> None:
         raise ValueError(
             f"accelerate's {accelerator.distributed_type.value} mode is not supported by craft_ext.train: launch "
             "with torchrun or accelerate launch --multi_gpu (add --craft.sharding=fsdp2 to shard the policy)"
+        )
+    if cfg.env is not None and cfg.env_eval_freq > 0 and accelerator.num_processes > 1:
+        raise ValueError(
+            "--env.* evaluates in closed loop in one process only: train without --env.* and evaluate the "
+            "checkpoints with python -m craft_ext.eval --env.*"
         )
     if cfg.craft.sharding == "fsdp2" and accelerator.num_processes == 1:
         raise ValueError(

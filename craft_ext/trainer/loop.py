@@ -283,6 +283,8 @@ def run_loop(run: Run, *, probe: Probe | None = None, start: float | None = None
                 window.reset()
             if run.eval_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and run.is_main:
                 run.log.write({"step": step, "eval_loss": held_out_loss(run)})
+            if cfg.env is not None and cfg.env_eval_freq > 0 and step % cfg.env_eval_freq == 0 and run.is_main:
+                run.log.write({"step": step, **closed_loop_success(run)})
             if cfg.save_checkpoint and should_save_checkpoint(step, cfg.save_freq, cfg.steps):
                 checkpoint, saved_at = save(run, step), step
             if step < cfg.steps and (stop_signal := agree_to_stop(stop.received, *devices)):
@@ -361,6 +363,24 @@ def held_out_loss(run: Run) -> float:
             batches += 1
     run.policy.train()
     return total.item() / max(batches, 1)
+
+
+def closed_loop_success(run: Run) -> dict[str, float]:
+    """Success rate per task in the simulator (--env.*, every --env_eval_freq steps) over --eval.n_episodes
+    seeded episodes: the same layouts at every evaluation, apart from the recorded demonstrations'
+    (craft_ext.sim.rollout). The random state is forked around it: training draws what it would have
+    drawn without the evaluation."""
+    from ..sim.rollout import evaluate
+
+    cfg = run.cfg
+    episodes = cfg.eval.n_episodes
+    devices = [run.accelerator.device] if run.accelerator.device.type == "cuda" else []
+    run.policy.eval()
+    with torch.random.fork_rng(devices=devices), run.accelerator.autocast():
+        results = evaluate(run.policy, run.preprocessor, run.postprocessor, cfg.env, episodes=episodes,
+                           batch_size=min(episodes, cfg.eval.batch_size or 1), rename_map=cfg.rename_map)
+    run.policy.train()
+    return {f"success/{task}": result.rate for task, result in results.items()}
 
 
 def _step_values(host: dict[str, float], applied: bool, lr: float, seconds: float, constraint, epsilon) -> dict[str, float]:

@@ -107,6 +107,7 @@ def cli_usage_errors(program: str, args: Sequence[str] | None = None):
     """Around a CLI's parse and run: refuse duplicate flags, and turn draccus's argparse errors into
     an error line and hints instead of the whole usage; both exit with status 2."""
     args = list(sys.argv[1:] if args is None else args)
+    from draccus.utils import ParsingError
     from draccus.wrappers.suppressing_argparse import SuppressingArgumentParser
 
     def error(parser, message: str):
@@ -125,11 +126,42 @@ def cli_usage_errors(program: str, args: Sequence[str] | None = None):
         for hint in exc.hints:
             print(f"hint: {hint}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ParsingError as exc:  # a config's own check refused a value (draccus wraps it: say the check's words)
+        print(f"error: {_root_cause(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         if original is None:
             del SuppressingArgumentParser.error
         else:
             SuppressingArgumentParser.error = original
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """What draccus's ParsingError `exc` wraps: a value it could not decode (its DecodingError names the
+    field), or the exception a config's own check raised."""
+    from draccus.utils import DecodingError, ParsingError
+
+    while isinstance(exc, ParsingError) and not isinstance(exc, DecodingError):
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def split_section(args: Sequence[str], section: str) -> tuple[list[str], list[str]]:
+    """(the other arguments, those of `--SECTION.*`): `--env.task=x` or `--env.task x` go to the second."""
+    rest, taken = [], []
+    i = 0
+    while i < len(args):
+        name = option_name(args[i])
+        mine = name is not None and name.startswith(f"{section}.")
+        (taken if mine else rest).append(args[i])
+        if "=" not in args[i] and i + 1 < len(args) and option_name(args[i + 1]) is None and name is not None:
+            (taken if mine else rest).append(args[i + 1])  # the value of `--flag value`
+            i += 1
+        i += 1
+    return rest, taken
 
 
 def help_requested(args: Sequence[str]) -> bool:

@@ -1,0 +1,50 @@
+"""benchmarks/sim_retention.py end to end at toy size: record, pre-train, cache, fine-tune, evaluate in
+closed loop, report. No number is checked (the benchmark's numbers are its own): what it writes is."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("metaworld", reason="the sim extra is not installed: pip install 'craft_ext[sim]'")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_retention.py"
+OLD, NEW = ["reach-v3", "button-press-topdown-v3"], "drawer-open-v3"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_the_benchmark_reports_success_per_method_and_task(tmp_path):
+    out, report = tmp_path / "bench", tmp_path / "report.json"
+    tiny = ["--episodes=1", "--pretrain_steps=2", "--steps=2", "--batch_size=2", "--num_anchors=4", "--eval_episodes=1",
+            "--env_batch_size=1", "--episode_length=5", "--image_size=16"]
+    args = [f"--old_tasks={','.join(OLD)}", f"--new_task={NEW}", f"--output_dir={out}", "--methods=plain,craft",
+            "--seeds=1", *tiny]
+    proc = _run(*args, f"--json={report}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert (result["old_tasks"], result["new_task"]) == (OLD, NEW)
+    assert set(result["pretrained"]) == {*OLD, NEW}
+    assert [(r["method"], r["knob"], r["seed"]) for r in result["runs"]] == [("plain", None, 0), ("craft", None, 0)]
+    for run in result["runs"]:
+        assert set(run["success"]) == {*OLD, NEW} and all(r in (0.0, 1.0) for r in run["success"].values())
+    assert (out / "pareto.png").is_file() and "old tasks (mean)" in (out / "table.md").read_text()
+    # again: every step is reused, nothing is trained twice
+    again = _run(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fine-tuning on" not in again.stdout and "pre-training" not in again.stdout
+
+
+def test_bad_task_names_are_one_line(tmp_path):
+    proc = _run("--old_tasks=reach-v3", "--new_task=reach-v3", f"--output_dir={tmp_path}")
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--new_task reach-v3 is one of --old_tasks")
+    proc = _run("--old_tasks=reach-v9", "--new_task=push-v3", f"--output_dir={tmp_path}")
+    assert proc.returncode == 2 and "unknown MetaWorld task(s) reach-v9" in proc.stderr.splitlines()[-1]
