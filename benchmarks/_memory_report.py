@@ -11,7 +11,8 @@ COLUMNS = (("parameters", "params"), ("task_grad", "T"), ("retain_grad", "R"), (
 def print_table(report: dict) -> None:
     """The report as a fixed-width table (MiB when every peak is under 1 GiB), then the checks' lines."""
     c = report["config"]
-    print(f"\n{c['model_description']}")
+    lora = f"; LoRA rank {c['lora_rank']} on the language model(s) and vision tower" if c.get("lora_rank") else ""
+    print(f"\n{c['model_description']}{lora}")
     print(f"{c['parameters'] / 1e9:.3f}e9 parameters, {c['trainable_elements'] / 1e9:.3f}e9 trainable; dtype "
           f"{c['dtype']} ({c['bytes_per_trainable_element']:.2f} B per trainable element); batch {c['batch_size']}, "
           f"anchors {c['anchor_batch_size']}, {c['cameras']} camera(s), prefix {c['prefix_tokens']} + "
@@ -54,36 +55,49 @@ def markdown_table(report: dict) -> str:
 
 
 def checks(report: dict) -> list[str]:
-    """What the memory figures are held to, as lines of text: CRaFT's peak at most 1.25 gradient buffers
-    above the plain step's (R, and little else), its anchor pass no larger than its task pass (the
-    targets, also booleans in the JSON's "targets"); each run against lerobot's own step; host reads."""
+    """What the memory figures are held to, as lines of text (the targets are also booleans in the JSON's
+    "targets"): each run's peak against lerobot's own step (<= 0.25 gradient buffers above it); CRaFT's
+    against the plain step (<= 0.1 buffer where the peak is not inside the surgery, which needs T and R
+    at once); CRaFT's anchor pass no larger than its task pass; when T and R live; host reads."""
     rows = {r["name"]: r for r in report["runs"]}
+    targets = report["targets"]
     out = []
-    plain = rows.get("plain")
+    plain, lerobot = rows.get("plain"), rows.get("lerobot")
     for name in ("craft", "craft_tokens"):
-        if plain is None or name not in rows:
+        if name not in rows:
             continue
         r = rows[name]
-        extra = r["peak_gib"] - plain["peak_gib"]
-        limit = 1.25 * r["grad_buffer_gib"]
-        report["targets"][f"{name}_extra_peak_ok"] = extra <= limit
+        buffer = r["grad_buffer_gib"]
+        if plain is not None:
+            extra = r["peak_gib"] - plain["peak_gib"]
+            if r["peak_phase"] == "surgery":
+                verdict = "the peak is inside the surgery: target n/a"
+            else:
+                targets[f"{name}_vs_plain_ok"] = extra <= 0.1 * buffer
+                verdict = f"target <= 0.10: {'met' if targets[f'{name}_vs_plain_ok'] else 'NOT met'}"
+            out.append(f"{name}: peak - plain peak = {extra:+.2f} GiB ({extra / buffer:+.2f} gradient buffers; {verdict})")
         task_pass, anchor_pass = r["task_pass_transient_peak_gib"], r["anchor_pass_transient_peak_gib"]
-        report["targets"][f"{name}_anchor_pass_ok"] = anchor_pass <= task_pass
-        out.append(f"{name}: peak - plain peak = {extra:.2f} GiB ({extra / r['grad_buffer_gib']:.2f} gradient buffers; "
-                   f"target <= 1.25: {'met' if extra <= limit else 'NOT met'}); anchor pass transient peak "
-                   f"{anchor_pass:.2f} vs task pass {task_pass:.2f} GiB "
-                   f"({'met' if report['targets'][f'{name}_anchor_pass_ok'] else 'NOT met'}); left of the task pass "
+        # within 1 MiB: with gradient checkpointing both passes can peak in the same layer's backward
+        # (pi0 / pi0.5: the SigLIP tower at the same batch size), equal up to a few bytes of scalars
+        targets[f"{name}_anchor_pass_ok"] = anchor_pass <= task_pass + 2**-10
+        out.append(f"{name}: anchor pass transient peak {anchor_pass:.2f} vs task pass {task_pass:.2f} GiB "
+                   f"({'met' if targets[f'{name}_anchor_pass_ok'] else 'NOT met'}); left of the task pass "
                    f"when the anchor forward starts: {r['transient_before_anchor_forward_gib'] * 1024:.1f} MiB")
-        lazy = r["peak_if_r_only_for_anchor_backward_gib"]
-        out.append(f"{name}: what-if R existed only from the anchor backward to the surgery: peak {lazy:.2f} GiB "
-                   f"({lazy - plain['peak_gib']:+.2f} vs plain)")
-    lerobot = rows.get("lerobot")
     if lerobot is not None:
         for name in ("plain", "craft", "craft_tokens"):
             if name in rows:
                 extra = rows[name]["peak_gib"] - lerobot["peak_gib"]
-                out.append(f"{name} vs lerobot's own step: {extra:+.2f} GiB "
-                           f"({extra / rows[name]['grad_buffer_gib']:+.2f} gradient buffers)")
+                buffer = rows[name]["grad_buffer_gib"]
+                targets[f"{name}_vs_lerobot_ok"] = extra <= 0.25 * buffer
+                out.append(f"{name} vs lerobot's own step: {extra:+.2f} GiB ({extra / buffer:+.2f} gradient buffers; "
+                           f"target <= 0.25: {'met' if targets[f'{name}_vs_lerobot_ok'] else 'NOT met'})")
+    for r in report["runs"]:
+        if r["name"] == "lerobot":
+            continue
+        line = f"{r['name']}: T lives in {', '.join(r['task_grad_phases']) or 'no phase'}"
+        if r["retain_grad_max_gib"] > 0:
+            line += f"; R in {', '.join(r['retain_grad_phases'])}"
+        out.append(line)
     for r in report["runs"]:
         reads = sum(r["host_reads_per_step"].values())
         out.append(f"{r['name']}: {reads} host reads of device values per step {r['host_reads_per_step']}")

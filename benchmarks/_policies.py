@@ -18,6 +18,11 @@ from craft_ext.policies.registry import POLICIES, PolicyEntry
 
 MODELS = ("full", "wide", "tiny")
 REAL_VOCAB = 257152  # PaliGemma's vocabulary, hard-coded by lerobot's pi0-fast
+#: LoRA's targets (`--peft.target_modules`, a regular expression PEFT matches against whole module names):
+#: every linear layer of the language models (PaliGemma's Gemma; pi0 / pi0.5: also the action expert's)
+#: and of the SigLIP vision tower. Not lm_head, the multi-modal projector or pi0's action projections.
+LORA_TARGETS = (r".*\.(language_model|gemma_expert|vision_tower)\..*\."
+                r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2)")
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,13 @@ def make_tokenizers(directory: Path, spec: ModelSpec) -> tuple[Path, Path]:
 
 
 def build_policy(spec: ModelSpec, *, cameras: int, dtype: str, gradient_checkpointing: bool, tokenizers,
-                 device: str = "cpu", fake: FakeTensorMode | None = None, seed: int = 0):
+                 device: str = "cpu", fake: FakeTensorMode | None = None, seed: int = 0, lora_rank: int = 0):
     """The spec's lerobot policy with `cameras` cameras, in training mode (lerobot's own policy class of
     the config's type; the toy types are registered with lerobot by craft_ext.policies). With `fake`,
     built on the meta device and materialised as fake CPU tensors (no memory); otherwise initialised on
-    `device` (seeded)."""
+    `device` (seeded). `lora_rank` > 0: wrapped in LoRA adapters (`apply_lora`); with `fake`, while the
+    model is still on the meta device (PEFT's move of a new adapter onto its base layer's device swaps
+    tensors, which fake tensors refuse: the fake mode holds weak references to them)."""
     from lerobot.configs import FeatureType, PolicyFeature
     from lerobot.policies.factory import get_policy_class
 
@@ -130,6 +137,8 @@ def build_policy(spec: ModelSpec, *, cameras: int, dtype: str, gradient_checkpoi
     if fake is not None:
         with torch.device("meta"):
             policy = policy_cls(config)
+            if lora_rank:
+                policy = apply_lora(policy, lora_rank)
         with fake:
             policy.to_empty(device="cpu")
         config.device = "cpu"
@@ -137,4 +146,24 @@ def build_policy(spec: ModelSpec, *, cameras: int, dtype: str, gradient_checkpoi
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             policy = policy_cls(config)
+            if lora_rank:
+                policy = apply_lora(policy, lora_rank)
     return policy.train()
+
+
+def apply_lora(policy, rank: int):
+    """The policy wrapped with LoRA adapters of rank `rank` on `LORA_TARGETS`, by the trainer's own
+    `--peft.*` path (`craft_ext.baselines.peft.apply_peft`: lerobot's `wrap_with_peft`, which freezes every
+    base weight). lerobot refuses PEFT without `--policy.path` (a pretrained model to adapt): the
+    benchmark's randomly initialised policy gets a placeholder path, which only names the base model in
+    PEFT's config."""
+    from lerobot.configs.default import DatasetConfig, PeftConfig
+
+    from craft_ext.baselines.peft import apply_peft
+    from craft_ext.train_config import CraftTrainPipelineConfig
+
+    if not policy.config.pretrained_path:
+        policy.config.pretrained_path = Path("(benchmark: no weights)")
+    cfg = CraftTrainPipelineConfig(dataset=DatasetConfig(repo_id="(synthetic)"), policy=policy.config,
+                                   peft=PeftConfig(method_type="LORA", r=rank, target_modules=LORA_TARGETS))
+    return apply_peft(cfg, policy)

@@ -56,10 +56,11 @@ class Phases:
     """Marks which part of the step is running, for the memory counter and the step timer.
 
     The step code is run unchanged; the adapter and the accelerator it is given are wrapped so that
-    their calls mark the phase: `task_loss` starts the task forward, `prefix_hidden` the anchor
-    forward, `backward` the matching backward, and the return from a backward the surgery (which
-    also holds the switch of `param.grad` between T and R and the zeroing of R). The caller marks
-    the anchor fetch, the host sync and the optimiser. `on_mark(old, new)` is called at each mark.
+    their calls mark the phase: `task_loss` starts the task forward, `prefix_hidden` (or, for a cache
+    that anchors the action path, `anchor_forward`) the anchor forward, `backward` the matching
+    backward, and the return from a backward the surgery (which also holds the switch of `param.grad`
+    between T and R and the zeroing of R). The caller marks the anchor fetch, the host sync and the
+    optimiser. `on_mark(old, new)` is called at each mark.
     """
 
     def __init__(self, on_mark=None):
@@ -91,6 +92,11 @@ class _MarkingAdapter:
     def prefix_hidden(self, inputs, layers):
         self._phases.mark("anchor_forward")
         return self._adapter.prefix_hidden(inputs, layers)
+
+    def anchor_forward(self, inputs, layers, terms=(), expert_layers=()):
+        """The anchor forward of a cache that anchors the action path (it calls no `prefix_hidden`)."""
+        self._phases.mark("anchor_forward")
+        return self._adapter.anchor_forward(inputs, layers, terms, expert_layers)
 
     def __getattr__(self, name):
         return getattr(self._adapter, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from craft_ext.policies.paligemma_prefix import unwrap
 from craft_ext.policies.registry import POLICIES
 
 
@@ -16,7 +17,7 @@ def task_batch(policy, batch_size: int, device="cpu", seed: int = 0) -> dict:
     """The keys the task loss reads after lerobot's preprocessor: float images in [0, 1] at the model's
     resolution, prompt tokens padded to tokenizer_max_length; pi0-fast: FAST action tokens padded to
     max_action_tokens (every position real: the most compute a batch can need); pi0 / pi0.5: the state
-    and an action chunk of chunk_size steps."""
+    and an action chunk of chunk_size steps. `policy` may be wrapped (a PeftModel: --peft.*)."""
     from lerobot.utils.constants import (
         ACTION,
         ACTION_TOKEN_MASK,
@@ -26,6 +27,7 @@ def task_batch(policy, batch_size: int, device="cpu", seed: int = 0) -> dict:
         OBS_STATE,
     )
 
+    policy = unwrap(policy)
     config = policy.config
     g = torch.Generator().manual_seed(seed)
     vocab = policy.model.paligemma_with_expert.paligemma.config.text_config.vocab_size

@@ -11,7 +11,11 @@ retention distance at the end. Written to the output directory: points.jsonl (on
 interrupted sweep continues), table.md (means over seeds, % of plain's task-A increase, task-B vs plain).
 
     python benchmarks/action_anchors.py --policies pi0,pi05,pi0_fast --seeds 0,1,2
-    python benchmarks/action_anchors.py --policies pi0 --variants none,velocity --seeds 0
+    python benchmarks/action_anchors.py --policies pi0 --variants "none;velocity" --seeds 0
+    python benchmarks/action_anchors.py --policies pi0_fast --variants none --epsilon 0.01 --output_dir DIR
+
+Plain fine-tuning does not depend on the anchors or epsilon: a sweep into another --output_dir can reuse
+its points (copy their lines into DIR/POLICY/points.jsonl before the run).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
     parser.add_argument("--plain_seeds", default=None, help="seeds of plain fine-tuning (default: --seeds)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default: the demo's)")
+    parser.add_argument("--epsilon", type=float, default=None, help="CRaFT's epsilon (default: the demo's 0.08)")
     args = parser.parse_args(argv)
 
     import torch
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = DemoSettings(policy_type=policy_type, seed=0)
         if args.steps is not None:
             settings = dataclasses.replace(settings, steps=args.steps)
+        if args.epsilon is not None:
+            settings = dataclasses.replace(settings, epsilon=args.epsilon)
         variants = VARIANTS[policy_type] if args.variants is None else tuple(args.variants.split(";"))
         points += run_policy(args.output_dir / policy_type, settings, variants, seeds, plain_seeds)
     table = markdown(points)
@@ -131,6 +138,7 @@ def run_one(out: Path, bench, settings, method: str, seed: int) -> dict:
         "retention_loss": run["retention_loss_after"] if variant is not None else None,
         "terms": terms,
         "final_lambda": run["final_lambda"],
+        "epsilon": settings.epsilon if variant is not None else None,
         "wall_time_s": run["wall_time_s"],
     }
 

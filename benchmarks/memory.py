@@ -1,7 +1,8 @@
 """Memory of one whole optimisation step of lerobot's real pi0-fast (or pi0, pi0.5), counted without a GPU.
 
     python benchmarks/memory.py [--policy pi0_fast|pi0|pi05] [--dtype float32|bfloat16] [--batch_size 8]
-                                [--cameras 1] [--gradient_checkpointing] [--shards N[,N...]] [--json PATH]
+                                [--cameras 1] [--gradient_checkpointing] [--lora_rank R] [--shards N[,N...]]
+                                [--json PATH]
 
 The model is lerobot's own PI0FastPolicy at its real configuration (PaliGemma gemma_2b, SigLIP so400m
 at 224 px: 256 image tokens per camera, vocabulary 257152; `--model wide|tiny` for smaller ones),
@@ -17,8 +18,10 @@ adapter, `GradBuffers`, the surgery, lerobot's AdamW preset and scheduler; the s
 allocates and frees:
 
   parameters    the policy's weights and buffers
-  task grad T   the flat task-gradient buffer (what the optimiser steps on)
-  retain grad R the flat retention-gradient buffer (CRaFT only; plain runs allocate none)
+  task grad T   the flat task-gradient storage (what the optimiser steps on): lazy, its pieces appear as
+                the task backward reaches them and are freed after the optimiser step
+  retain grad R the flat retention-gradient storage (CRaFT only; plain runs have none): lazy, from the
+                anchor backward until the surgery has merged it into T
   optimizer     AdamW's exp_avg / exp_avg_sq / step, alive across steps
   inputs        the task batch and the anchor batch
   activations   tensors autograd saved for the backward (marked by a saved-tensors hook)
@@ -34,8 +37,13 @@ host sync.
 Runs, side by side in one process: `lerobot` (lerobot-train's own `update_policy`: the baseline users
 run today; its T column is its `param.grad` tensors, made by the backward and dropped by
 `zero_grad`), `plain` (the CRaFT step with `--craft.enable=false`: no R), `craft` (K = 1, `pooled`
-anchors), `craft_tokens` (K = 1, `tokens` anchors). LoRA (`--peft.*`) is not measured: no run here
-wraps the policy in lerobot's PEFT adapters yet.
+anchors), `craft_tokens` (K = 1, `tokens` anchors). The rows also say how large T and R get over the
+whole step and in which phases they live (`task_grad_max_gib`, `task_grad_phases`, ...).
+
+`--lora_rank R` wraps the policy in LoRA adapters of rank R on every linear layer of the language
+model(s) and the vision tower (`_policies.LORA_TARGETS`), through the trainer's own `--peft.*` path
+(`craft_ext.baselines.peft.apply_peft`, i.e. lerobot's `wrap_with_peft`): the base weights are frozen,
+T, R and the optimizer state are the adapters' size, and every run (lerobot's too) trains the adapters.
 
 What the count does not see: the CUDA caching allocator's rounding and fragmentation, cuBLAS/cuDNN
 workspaces and the CUDA context (~0.5-1 GiB); compare with `torch.cuda.max_memory_allocated` on a GPU
@@ -59,7 +67,7 @@ from pathlib import Path
 import torch
 from _harness import machine_info, write_json
 from _memory_report import checks, markdown_table, print_table
-from _policies import MODELS, ModelSpec, build_policy, make_tokenizers
+from _policies import LORA_TARGETS, MODELS, ModelSpec, build_policy, make_tokenizers
 from _step import Phases, lerobot_update, make_accelerator, make_optimizer, make_step
 from _storage_counter import CATEGORIES, StorageCounter
 from _synthetic import synthetic_anchor_batch, synthetic_manifest, task_batch
@@ -79,7 +87,7 @@ def measure(args, run: str, tokenizers, accelerator) -> dict:
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     t0 = time.perf_counter()
     policy = build_policy(spec, cameras=args.cameras, dtype=args.dtype, tokenizers=tokenizers, fake=fake,
-                          gradient_checkpointing=args.gradient_checkpointing)
+                          gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank)
     counter = StorageCounter(shards=args.shards)
     phases = Phases(counter.on_mark)
     build_s = time.perf_counter() - t0
@@ -88,6 +96,7 @@ def measure(args, run: str, tokenizers, accelerator) -> dict:
         counter.label(list(policy.parameters()) + list(policy.buffers()), "parameters")
         params = sum(p.numel() for p in policy.parameters())
         trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        trainable_tensors = sum(1 for p in policy.parameters() if p.requires_grad)
         adapter = make_adapter(policy)
         optimizer, scheduler = make_optimizer(policy, 1000, args.optimizer)
         batch = task_batch(policy, args.batch_size)
@@ -107,9 +116,9 @@ def measure(args, run: str, tokenizers, accelerator) -> dict:
         else:
             step = make_step(policy, phases.adapter(adapter), optimizer, scheduler, phases.accelerator(accelerator),
                              manifest)
-            counter.label(step.bufs.task.flats, "task_grad")
+            _label_storage(counter, step.bufs.task, "task_grad")
             if step.bufs.retain is not None:
-                counter.label(step.bufs.retain.flats, "retain_grad")
+                _label_storage(counter, step.bufs.retain, "retain_grad")
         for i in range(2):
             if i == 1:
                 counter.label([v for state in optimizer.state.values() for v in state.values()], "optimizer")
@@ -132,10 +141,17 @@ def measure(args, run: str, tokenizers, accelerator) -> dict:
     row = _row(run, counter, grad_bytes)
     row.update(prefix_tokens=adapter.num_image_tokens + policy.config.tokenizer_max_length,
                action_tokens=getattr(policy.config, "max_action_tokens", policy.config.chunk_size),
-               parameters_count=params, trainable_elements=trainable,
+               parameters_count=params, trainable_elements=trainable, trainable_tensors=trainable_tensors,
                bytes_per_trainable_element=elt, build_s=round(build_s, 2), trace_s=round(trace_s, 2),
                host_reads_per_step=dict(counter.host_reads))
     return row
+
+
+def _label_storage(counter: StorageCounter, storage, category: str) -> None:
+    """Count a gradient storage's pieces as `category`: those allocated now, and (a lazy storage's)
+    each later one from its allocation on."""
+    counter.label(storage.allocated_pieces(), category)
+    storage.allocation_context = lambda: counter.allocating(category)
 
 
 def _bytes_per_element(policy) -> float:
@@ -157,8 +173,11 @@ def _row(run: str, counter: StorageCounter, grad_bytes: int) -> dict:
         "anchor_pass_transient_peak_gib": anchor_pass / GIB if run.startswith("craft") else None,
         "transient_before_anchor_forward_gib": (counter.transient_at_mark.get("anchor_forward", 0) / GIB
                                                 if run.startswith("craft") else None),
-        # what-if: R allocated at the anchor backward and freed after the surgery (not what the step does)
-        "peak_if_r_only_for_anchor_backward_gib": counter.lazy_r_peak / GIB if run.startswith("craft") else None,
+        # the gradient storages over the whole step, not only at the peak: how large, and when they live
+        "task_grad_max_gib": counter.category_peak["task_grad"] / GIB,
+        "retain_grad_max_gib": counter.category_peak["retain_grad"] / GIB,
+        "task_grad_phases": list(counter.live_in["task_grad"]),
+        "retain_grad_phases": list(counter.live_in["retain_grad"]),
         "transient_peak_by_phase_gib": {p: v / GIB for p, v in counter.transient_peak.items()},
     }
     if counter.shards:
@@ -179,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cameras", type=int, default=1)
     p.add_argument("--layers", default="-2,-1", help="anchored layers (the cache builder's default)")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="train LoRA adapters of this rank (lerobot's --peft.*) on every linear layer of the language "
+                        "model(s) and the vision tower instead of the whole model (default 0: full fine-tuning)")
     p.add_argument("--shards", default="", help="also report the per-GPU peak with FSDP2 over N GPUs (N or N,N)")
     p.add_argument("--optimizer", choices=["foreach", "fused", "for-loop"], default="foreach",
                    help="AdamW implementation; foreach is torch's default for CUDA tensors")
@@ -207,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("batch_size", "anchor_batch_size", "cameras", "depth", "vision_depth"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if args.lora_rank < 0:
+        p.error("--lora_rank must be >= 0 (0: full fine-tuning)")
     try:
         args.layers = [int(x) for x in args.layers.split(",")]
     except ValueError:
@@ -231,8 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
             "policy": args.policy, "model": args.model, "model_description": spec.describe(), "dtype": args.dtype,
             "batch_size": args.batch_size, "anchor_batch_size": args.anchor_batch_size, "cameras": args.cameras,
             "layers": args.layers, "gradient_checkpointing": args.gradient_checkpointing, "shards": list(args.shards),
+            "lora_rank": args.lora_rank, "lora_targets": LORA_TARGETS if args.lora_rank else None,
             "optimizer": args.optimizer, "parameters": first["parameters_count"],
-            "trainable_elements": first["trainable_elements"],
+            "trainable_elements": first["trainable_elements"], "trainable_tensors": first["trainable_tensors"],
             "bytes_per_trainable_element": first["bytes_per_trainable_element"],
             "prefix_tokens": first["prefix_tokens"], "action_tokens": first["action_tokens"],
             **machine_info("cpu"),

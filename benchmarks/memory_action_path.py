@@ -1,15 +1,17 @@
 """benchmarks/memory.py with anchor caches that anchor the action path (issue 19), at full size, without a GPU.
 
-    python benchmarks/memory_action_path.py --action_path velocity [memory.py's options, e.g. --policy pi0 --runs plain,craft]
+    cd benchmarks && python memory_action_path.py [--action_path default] [memory.py's options, e.g. --policy pi0
+        --dtype bfloat16 --runs plain,craft]
 
 Runs memory.py unchanged, with its synthetic anchor cache (`_synthetic.synthetic_manifest` /
-`synthetic_anchor_batch`) replaced by one that also anchors `--action_path` (velocity,expert for pi0 /
-pi0.5; action_tokens for pi0-fast): the manifest records the terms and their targets, and the anchor
-batch carries what the action path reads (action chunk, noise, time, pi0's state; pi0-fast's action
-tokens, every position real) and the teacher's targets. The step then runs one anchor forward that
-holds the expert (or the action tokens) as well, and memory.py counts its storages as usual: the
-`craft` row's "task / anchor pass" column answers whether the anchor pass still fits within the task
-pass, and "CRaFT - plain" whether CRaFT still costs one gradient buffer.
+`synthetic_anchor_batch`) replaced by one that also anchors `--action_path` (default: the policy's,
+velocity,expert for pi0 / pi0.5 and action_tokens for pi0-fast; or comma-separated terms): the manifest
+records the terms and their targets, and the anchor batch carries what the action path reads (action
+chunk, noise, time, pi0's state; pi0-fast's action tokens, every position real) and the teacher's
+targets. The step then runs one anchor forward that holds the expert (or the action tokens) as well,
+and memory.py counts its storages as usual: the `craft` row's "task / anchor pass" columns answer
+whether the anchor pass still fits within the task pass, and "CRaFT - plain" what CRaFT adds.
+Results: benchmarks/RESULTS.md, "Action-path anchors".
 """
 
 from __future__ import annotations
@@ -24,19 +26,24 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--action_path", default="velocity")
+    parser.add_argument("--action_path", default="default")
     parser.add_argument("--expert_layers", default="-1")
     args, rest = parser.parse_known_args(argv)
-    terms = [t for t in args.action_path.split(",") if t]
     expert_layers = [int(x) for x in args.expert_layers.split(",")]
 
     def manifest(adapter, *, layers, pooling, rows):
+        from craft_ext.policies import POLICIES
+
+        if args.action_path == "default":
+            terms = list(POLICIES[adapter.policy_type].default_action_path)
+        else:
+            terms = [t for t in args.action_path.split(",") if t]
+        print(f"[anchor caches that anchor: prefix, {', '.join(terms)}]", file=sys.stderr)
         return action_manifest(_synthetic.synthetic_manifest(adapter, layers=layers, pooling=pooling, rows=rows), adapter,
                                terms, expert_layers)
 
     memory.synthetic_manifest = manifest
     memory.synthetic_anchor_batch = action_anchor_batch
-    print(f"[anchor caches that anchor: prefix, {', '.join(terms)}]", file=sys.stderr)
     return memory.main(rest)
 
 

@@ -328,7 +328,7 @@ def summary_table(report: dict) -> str:
     old, new = report["old_tasks"], report["new_task"]
     rows = summarise(report)
     plain = next((r for r in rows if r["method"] == "plain"), None)
-    head = ["method", "knob", "seeds", *old, "old tasks (mean)", "drop from pre-trained", new]
+    head = ["method", "knob", "seeds", *old, "old tasks (mean)", "vs pre-trained", new]
     head += ["drop vs plain's"] if plain else []
     pre = report["pretrained"]
     cells = [["pre-trained", "-", "-", *[f"{pre[t]:.0%}" for t in old], f"{statistics.fmean(pre[t] for t in old):.0%}",
@@ -336,7 +336,7 @@ def summary_table(report: dict) -> str:
     for r in rows:
         knob = "default" if r["knob"] is None and r["method"] != "plain" else ("-" if r["knob"] is None else f"{r['knob']:g}")
         line = [LABELS[r["method"]], knob, str(r["seeds"]), *[f"{r['per_task'][t]:.0%}" for t in old],
-                f"{r['old']:.0%}" + (f" ± {r['old_std']:.0%}" if r["seeds"] > 1 else ""), f"{r['drop'] * 100:+.0f} pts",
+                f"{r['old']:.0%}" + (f" ± {r['old_std']:.0%}" if r["seeds"] > 1 else ""), f"{-r['drop'] * 100:+.0f} pts",
                 f"{r['new']:.0%}"]
         if plain:
             line.append(f"{r['drop'] / plain['drop']:.0%}" if plain["drop"] > 0 else "-")

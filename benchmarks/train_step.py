@@ -30,6 +30,16 @@ work, R's reset, buffer switches, the larger host read; and timing noise). Model
 offline kit's size), `wide` (real widths, the 257152-token vocabulary and 224-px image tokens, depth
 cut to fit a CPU: --depth and --vision_depth), `full` (lerobot's stock pi0-fast, for a GPU; also
 reports `torch.cuda.max_memory_allocated` over the run, to compare with benchmarks/memory.py).
+
+The step's T and R are lazy storages: allocated piece by piece as their backward reaches them and
+freed after use, where an eager storage is allocated once and zero-filled each step. What that costs
+per step is measured apart, after the steps (`storage` in the report): a lazy storage of T's layout
+(the step's pieces) allocated whole, zero-filled, and freed, against an eager one zero-filled, each
+the median of `--storage_repeats` calls. The difference (`allocation_cost_s`) is the allocator's work
+per storage and step (on the CPU: the system allocator, fresh pages faulted in; on a GPU the caching
+allocator hands back the blocks it keeps); a task-only step pays it once (T), a retention step twice.
+`--storage_only` measures only that (no steps, no anchor cache): the wide model's layout on a CPU too
+slow for its steps (bfloat16 matrix products without AVX-512 run torch's reference kernel).
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ import time
 from pathlib import Path
 
 import torch
-from _harness import machine_info, sync, write_json
+from _harness import machine_info, median_time, sync, write_json
 from _policies import ModelSpec, build_policy, make_tokenizers
 from _step import Phases, make_accelerator, make_optimizer, make_step
 from _synthetic import task_batch
@@ -176,6 +186,28 @@ def time_steps(args, policy, adapter, accelerator, batch, cache, device) -> dict
     return rows
 
 
+def time_storage(policy, device, repeats: int) -> dict:
+    """Per-step cost of a lazy gradient storage against an eager one (see the module doc): T's layout,
+    cut like the step's (DEFAULT_BUCKET_BYTES pieces)."""
+    from craft_ext.engine.distributed import DEFAULT_BUCKET_BYTES
+    from craft_ext.engine.grad_buffers import FlatGrads
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    lazy = FlatGrads(params, piece_bytes=DEFAULT_BUCKET_BYTES, lazy=True)
+
+    def allocate_and_free():
+        lazy.complete_()  # zero-filled pieces, as the backward's hooks allocate them
+        lazy.release_()
+
+    lazy_s = median_time(allocate_and_free, device, repeats, warmup=1)
+    eager = FlatGrads(params, piece_bytes=DEFAULT_BUCKET_BYTES, lazy=False)
+    eager_s = median_time(eager.zero_, device, repeats, warmup=1)
+    del eager
+    return {"bytes": sum(p.numel() * p.element_size() for p in params), "pieces": len(lazy.pieces),
+            "lazy_allocate_zero_free_s": lazy_s, "eager_zero_s": eager_s, "allocation_cost_s": lazy_s - eager_s,
+            "repeats": repeats}
+
+
 def summarise(rows: dict[str, dict]) -> dict:
     """The headline figures: medians of the task-only (plain) and retention (K = 1) steps, K = 5, the
     retention step's breakdown and the overhead fractions."""
@@ -203,6 +235,13 @@ def _overhead(craft_step: float, plain_step: float, breakdown: dict[str, float])
 
 
 def print_table(report: dict) -> None:
+    st = report["storage"]
+    storage = (f"gradient storage ({st['bytes'] / 2**30:.2f} GiB in {st['pieces']} pieces), medians of {st['repeats']}: "
+               f"lazy allocate + zero + free {st['lazy_allocate_zero_free_s']:.4f} s, eager zero "
+               f"{st['eager_zero_s']:.4f} s: allocation costs {st['allocation_cost_s']:+.4f} s per storage and step")
+    if "summary" not in report:  # --storage_only
+        print(f"\n{report['config']['model_description']}; {report['config']['dtype']}\n{storage}")
+        return
     c = report["config"]
     load = c["load_average"]
     print(f"\n{c['model_description']}; {c['parameters'] / 1e6:.1f}M parameters, {c['dtype']}; "
@@ -221,6 +260,7 @@ def print_table(report: dict) -> None:
           f"{s['craft_k5_step_s'] / s['plain_step_s']:.2f}x, overhead_fraction {s['overhead_fraction_k5']:.3f}; "
           f"the retention step's extra surgery time {s['extra_surgery_s']:.4f} s = "
           f"{s['extra_surgery_s'] / s['craft_step_s']:.3f} of it")
+    print(f"{storage} ({st['allocation_cost_s'] / s['plain_step_s']:+.3f} of a task-only step)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,13 +277,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, help="untimed pairs of steps")
     p.add_argument("--steps", type=int, help="timed pairs of steps (one task-only step, one retention step)")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default; default: per model)")
+    p.add_argument("--storage_repeats", type=int, default=3,
+                   help="timed calls of the lazy / eager gradient storage comparison (see above)")
+    p.add_argument("--storage_only", action="store_true",
+                   help="only the lazy / eager gradient storage comparison: no steps (see above)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for name in ("batch_size", "anchor_batch_size", "cameras", "steps", "depth", "vision_depth"):
+    for name in ("batch_size", "anchor_batch_size", "cameras", "steps", "depth", "vision_depth", "storage_repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0:
@@ -270,15 +314,18 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizers = make_tokenizers(tmp, spec)
         policy = build_policy(spec, cameras=args.cameras, dtype=args.dtype, gradient_checkpointing=False,
                               tokenizers=tokenizers, device=str(device))
-        adapter = make_adapter(policy)
-        accelerator = make_accelerator(policy.config)
-        batch = task_batch(policy, args.batch_size, device)
-        cache = build_cache(tmp / "anchors", policy, adapter, rows=2 * args.anchor_batch_size, layers=layers,
-                            pooling=args.pooling, device=device)
-        print(f"[setup {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-        t0 = time.perf_counter()
-        rows = time_steps(args, policy, adapter, accelerator, batch, cache, device)
-        print(f"[{2 * (args.warmup + args.steps)} steps: {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+        rows = None
+        if not args.storage_only:
+            adapter = make_adapter(policy)
+            accelerator = make_accelerator(policy.config)
+            batch = task_batch(policy, args.batch_size, device)
+            cache = build_cache(tmp / "anchors", policy, adapter, rows=2 * args.anchor_batch_size, layers=layers,
+                                pooling=args.pooling, device=device)
+            print(f"[setup {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+            t0 = time.perf_counter()
+            rows = time_steps(args, policy, adapter, accelerator, batch, cache, device)
+            print(f"[{2 * (args.warmup + args.steps)} steps: {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+        storage = time_storage(policy, device, args.storage_repeats)
     report = {
         "config": {
             "model": args.model, "model_description": spec.describe(),
@@ -288,10 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
             "device": str(device), **machine_info(device),
             "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         },
-        "runs": list(rows.values()),
+        "storage": storage,
     }
-    report["summary"] = summarise(rows)
-    report.update(report["summary"])  # the headline figures at the top level too
+    if rows is not None:
+        report["runs"] = list(rows.values())
+        report["summary"] = summarise(rows)
+        report.update(report["summary"])  # the headline figures at the top level too
     print_table(report)
     if args.json:
         write_json(report, args.json)

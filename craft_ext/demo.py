@@ -4,7 +4,9 @@ Offline, on the offline kit, in a few minutes on 2 CPU cores:
   1. two synthetic tasks that conflict: for the same state, task B's action is task A's negated, and only
      the prompt and the image colours tell them apart (craft_ext.offline_kit.datasets);
   2. a tiny policy (pi0-fast by default; --policy_type pi0 or pi05) trained on A, and an anchor cache
-     of its hidden states on A's frames (built with the cache CLI's own `build`);
+     of it on A's frames (built with the cache CLI's own `build`): its hidden states over the prefix and
+     what produces its actions (--action_path, default the policy's: pi0-fast's hidden states at its own
+     action tokens, pi0 / pi0.5's action expert);
   3. fine-tuning on B twice from that model with the same seed, data order and steps: plain
      (`--craft.enable=false`) and CRaFT, both through `craft_ext.trainer.train`;
   4. task-A and task-B losses along the way, a table on stdout, report.json and report.png in the
@@ -21,6 +23,7 @@ of B.
     python -m craft_ext.train                       # all defaults, output in outputs/craft_demo/<time>
     python -m craft_ext.demo --output_dir DIR --steps 300
     python -m craft_ext.demo --policy_type pi05     # the same with a tiny pi0.5 (pi0: --policy_type pi0)
+    python -m craft_ext.demo --policy_type pi0 --action_path none   # CRaFT anchoring the prefix only
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class DemoSettings:
     log_freq: int = 20  # task losses are measured every log_freq steps
     num_anchors: int = 128  # of the 800 frames of A's training episodes
     pooling: str = "tokens"  # every prefix token: a tighter constraint than "pooled" on this toy model
+    # what of the action path the cache anchors (build_anchor_cache --action_path): default = the policy's
+    # (pi0-fast: action_tokens; pi0, pi0.5: velocity,expert), none = the prefix only
+    action_path: str = "default"
     anchor_batch_size: int = 8
     epsilon: float = 0.08  # 8% of the teacher's per-layer hidden-state variance
     lambda_init: float = 1.0
@@ -113,6 +119,7 @@ def prepare(out: Path, settings: DemoSettings, log=print, kit_dir: Path | None =
             seed=settings.seed,
             pooling=settings.pooling,
             dtype=DEMO_CACHE_DTYPE,
+            action_path=settings.action_path,
         )
     )
     cache = AnchorCache(cache_dir)
@@ -167,8 +174,9 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     plot_demo({name: read_metrics(runs[name]["metrics"]) for name in RUNS}, bench.before, out / "report.png")
     print()
     print(demo_table(report))
-    if settings.policy_type in ("pi0", "pi05") and not getattr(bench.cache.manifest.settings, "action_terms", ()):  # noqa: E501
-        print("note: CRaFT anchors the prefix (images + prompt) only; pi0/pi0.5 act through the action expert, which is not anchored yet, so task-A actions are not expected to be retained")  # noqa: E501
+    if settings.policy_type in ("pi0", "pi05") and not bench.cache.manifest.settings.action_terms:
+        print("note: this cache anchors the prefix (images + prompt) only (--action_path=none); pi0/pi0.5 act through "
+              "the action expert, which it does not anchor, so task-A actions are not expected to be retained")
     print(f"\nreport: {out / 'report.json'}\nplot:   {out / 'report.png'}")
     return report
 
@@ -185,6 +193,7 @@ def settings_note(s: DemoSettings) -> str:
         ("--craft.epsilon_start/end", s.epsilon, craft.epsilon_start),
         ("--craft.anchor_batch_size", s.anchor_batch_size, craft.anchor_batch_size),
         ("build_anchor_cache --pooling", s.pooling, cache.pooling),
+        ("build_anchor_cache --action_path", s.action_path, cache.action_path),
         ("build_anchor_cache --dtype", DEMO_CACHE_DTYPE, cache.dtype),
         ("build_anchor_cache --num_anchors", s.num_anchors, cache.num_anchors),
         ("--policy.optimizer_lr", s.lr, PI0FastConfig.optimizer_lr),

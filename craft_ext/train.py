@@ -52,6 +52,9 @@ lerobot-train options (the common ones; --help-all lists all of them with lerobo
   --resume true             continue the run whose train_config.json --config_path names
   --policy.device DEVICE    cuda | cpu (default: cuda when available)
   --wandb.enable true       also log to Weights & Biases (--wandb.project=NAME)
+  --env.type=craft_metaworld --env.task=A,B --env_eval_freq=N --eval.n_episodes=N
+                            success per task in closed loop every N steps (MetaWorld: pip install
+                            "craft_ext[sim]"; one process; README, "Closed loop")
 """
 
 

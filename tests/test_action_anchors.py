@@ -78,7 +78,8 @@ def kits(tmp_path_factory) -> dict[str, KitLayout]:
 
 @pytest.fixture(scope="module")
 def caches(kits, tmp_path_factory):
-    """Anchor caches through the cache CLI, one per (policy type, --action_path), built on first use."""
+    """Anchor caches through the cache CLI, one per (policy type, --action_path), built on first use (expert
+    layers 0 and -1, except for --action_path=default, which keeps the CLI's --expert_layers)."""
     built: dict[tuple[str, str], Path] = {}
 
     def get(policy_type: str, action_path: str | None = None, *extra: str) -> Path:
@@ -89,7 +90,7 @@ def caches(kits, tmp_path_factory):
             out = tmp_path_factory.mktemp("anchors") / "cache"
             args = [f"--policy.path={kit.policy}", "--dataset.repo_id=task_a", f"--dataset.root={kit.datasets['task_a']}",
                     f"--output_dir={out}", f"--num_anchors={ROWS}", "--dtype=float32", f"--action_path={action_path}",
-                    "--expert_layers=0,-1", *extra]
+                    *(() if action_path == "default" else ("--expert_layers=0,-1",)), *extra]
             assert _main(cache_cli, args) == 0
             built[key] = out
         return built[key]
@@ -321,12 +322,13 @@ def test_gradient_checkpointing_changes_no_value_of_the_anchor_forward(policy_ty
 
 
 def test_the_anchor_pass_keeps_what_the_task_pass_keeps(caches, kits):
-    """pi0 with the expert anchored: the anchor forward is lerobot's training forward, so what autograd keeps
-    for the anchor backward (rows = frames) is the task pass's, plus the anchored features and their masks
-    (pooled: a few vectors per row and layer; the pooling keeps no layer output alive) and less the task
-    loss's targets: within 1% here, and at full size below what benchmarks/memory.py resolves."""
+    """pi0 with the expert anchored (velocity and two expert layers): the anchor forward is lerobot's training
+    forward, so what autograd keeps for the anchor backward (rows = frames) is the task pass's, plus the
+    anchored features and their masks (pooled: a few vectors per row and layer; the pooling keeps no layer
+    output alive) and less the task loss's targets: within 1% here. The transient peaks at full size
+    (temporaries included) are counted by benchmarks/memory_action_path.py (benchmarks/RESULTS.md)."""
     kit = kits("pi0")
-    cache = AnchorCache(caches("pi0", "velocity"))
+    cache = AnchorCache(caches("pi0"))
     policy = load_policy(kit.policy).train()
     adapter = make_adapter(policy)
     config = PreTrainedConfig.from_pretrained(kit.policy)
@@ -356,9 +358,13 @@ def test_the_anchor_pass_keeps_what_the_task_pass_keeps(caches, kits):
 
 @pytest.mark.parametrize("policy_type", FLOW_TYPES)
 def test_train_expert_only_is_trained_when_the_expert_is_anchored(policy_type, caches, kits, tmp_path, one_thread, capsys):
+    """The cache CLI's default anchors the expert (velocity and its last layer), so the run can act and trains."""
     kit = kits(policy_type)
     out = tmp_path / "run"
-    code = _main(train_cli, _train_args(kit, caches(policy_type, "velocity"), out, "--policy.train_expert_only=true"))
+    default = caches(policy_type, "default")
+    action = read_manifest(default).settings.action
+    assert action.terms == ["velocity", "expert"] and action.expert_layers_requested == [-1]
+    code = _main(train_cli, _train_args(kit, default, out, "--policy.train_expert_only=true"))
     assert code == 0, capsys.readouterr().err[-3000:]
     assert (out / "checkpoints" / "last" / "pretrained_model" / "model.safetensors").is_file()
     # against a prefix-only cache the same run is refused, in one line that names the way out

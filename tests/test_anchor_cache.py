@@ -1,7 +1,8 @@
-"""Anchor cache format v2: writer, reader, verify, resume, bad input, retention loss.
+"""Anchor cache format v3: writer, reader, verify, resume, bad input, retention loss.
 
 The first part uses synthetic tensors (no model); the end-to-end part builds caches from the tiny
-offline pi0-fast and checks that the teacher reproduces its own cache.
+offline pi0-fast (prefix and action tokens, the default) and checks that the teacher reproduces its own
+cache and that a moved student's L_ret and gradient match a reference computed apart from the product.
 """
 
 from __future__ import annotations
@@ -439,10 +440,9 @@ def teacher(kit):
 
 
 def build_tiny(kit, out: Path, pooling: str) -> Path:
-    """16 anchors of the kit's teacher in shards of 6 (three shards, the last one partial); the prefix only."""
-    return build_cache(
-        kit, out, num_anchors=16, pooling=pooling, shard_size=6, batch_size=4, device="cpu", action_path="none"
-    )
+    """16 anchors of the kit's teacher in shards of 6 (three shards, the last one partial), anchoring what
+    the cache CLI anchors by default (pi0-fast: the prefix and the teacher's own action tokens)."""
+    return build_cache(kit, out, num_anchors=16, pooling=pooling, shard_size=6, batch_size=4, device="cpu")
 
 
 @pytest.fixture(scope="module", params=["pooled", "tokens"])
@@ -471,11 +471,62 @@ def test_teacher_reproduces_its_cache_on_every_row(tiny_cache, teacher):
         assert retention_loss(adapter, batch, manifest).abs() <= 1e-6
 
 
+def _reference_features(policy, inputs, layers, pooling):
+    """term -> (values [B, L, V, D], mask [B, V] or None) of the prefix and the action tokens, computed
+    apart from the adapter: lerobot's own embedding of the training sequence [images; prompt; FAST
+    tokens], the language model's own `output_hidden_states` (its final norm bypassed: the anchored
+    states are the raw residual stream), and pooling written out here."""
+    from lerobot.policies.common.vla_utils import prepare_attention_masks_4d
+    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+    from craft_ext.policies.base import ACTION_TOKEN_MASK_KEY, ACTION_TOKENS_KEY
+
+    class NoNorm(torch.nn.Module):
+        def forward(self, x, cond=None):
+            return x, None
+
+    cameras = [k for k in policy.config.image_features if k in inputs]
+    images, img_masks = policy._preprocess_images({k: inputs[k].float() / 255.0 for k in cameras})
+    tokens, token_mask = inputs[OBS_LANGUAGE_TOKENS], inputs[OBS_LANGUAGE_ATTENTION_MASK]
+    actions, action_mask = inputs[ACTION_TOKENS_KEY], inputs[ACTION_TOKEN_MASK_KEY]
+    embs, pad, att, n_image, n_actions = policy.model.embed_prefix_fast(
+        images, img_masks, tokens, token_mask, fast_action_tokens=actions, fast_action_masks=action_mask
+    )
+    language_model = policy.model.paligemma_with_expert.paligemma.model.language_model
+    norm, language_model.norm = language_model.norm, NoNorm()
+    try:
+        out = language_model(inputs_embeds=embs, attention_mask=prepare_attention_masks_4d(att, dtype=embs.dtype),
+                             position_ids=torch.cumsum(pad, dim=1) - 1, output_hidden_states=True, use_cache=False)
+    finally:
+        language_model.norm = norm
+    hidden = torch.stack([out.hidden_states[layer + 1] for layer in layers], dim=1)  # [B, L, S, D]: layer outputs
+    length = hidden.shape[2] - n_actions
+    prefix_mask = pad[:, :length].bool()
+    image = torch.zeros_like(prefix_mask)
+    image[:, :n_image] = True
+
+    def pooled(states, valid, mean_over, last_of):
+        if pooling == "tokens":
+            return states * valid[:, None, :, None], valid
+        w = (mean_over & valid).double()
+        mean = (states.double() * w[:, None, :, None]).sum(2) / w.sum(1)[:, None, None]
+        last = [int(torch.nonzero(row & valid[b])[-1]) for b, row in enumerate(last_of)]
+        return torch.stack([mean, states.double()[torch.arange(len(last)), :, last]], dim=2), None
+
+    return {
+        "prefix": pooled(hidden[:, :, :length], prefix_mask, image, ~image),
+        "action_tokens": pooled(hidden[:, :, length:], action_mask.bool(), action_mask.bool(), action_mask.bool()),
+    }
+
+
 @needs_kernels
 def test_perturbed_student_loss_and_gradient_match_reference(tiny_cache, teacher):
+    """L_ret of a perturbed student, and its gradient, against a reference computed apart from the product
+    (`_reference_features`): each term's per-layer MSE over its valid vectors divided by the teacher's
+    per-layer variance, the mean over layers, the weighted mean over terms (weight 1 each by default),
+    the mean over rows."""
     import copy
 
-    from craft_ext.anchors.features import anchor_features
     from craft_ext.engine.retention import retention_loss
     from craft_ext.policies import make_adapter
 
@@ -488,20 +539,30 @@ def test_perturbed_student_loss_and_gradient_match_reference(tiny_cache, teacher
     adapter = make_adapter(student)
     cache = AnchorCache(tiny_cache)
     manifest, hidden = cache.manifest, cache.manifest.settings.hidden
+    assert manifest.terms == ["prefix", "action_tokens"] and manifest.weights() == {"prefix": 1.0, "action_tokens": 1.0}
     batch = cache.gather([0, 5, 6, 11, 15])
     params = [p for p in student.parameters() if p.requires_grad]
 
     loss = retention_loss(adapter, batch, manifest)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
 
-    features, _ = anchor_features(adapter, batch.inputs, hidden.layers, hidden.pooling)
-    per_layer = torch.stack(
-        [ops.hidden_mse_reference(features[:, i], batch.hidden[:, i], batch.mask) for i in range(len(hidden.layers))], 1
-    )
-    reference = (per_layer.double() / torch.tensor(manifest.layer_var, dtype=torch.float64)).mean()
+    features = _reference_features(student, batch.inputs, hidden.layers, hidden.pooling)
+    teacher_values = {"prefix": (batch.hidden, batch.mask),
+                      "action_tokens": (batch.targets["action_tokens"], batch.targets.get("action_tokens.mask"))}
+    per_term = {}
+    for term, (values, mask) in features.items():
+        target, target_mask = teacher_values[term]
+        if mask is not None:  # tokens mode: the stored mask is the teacher's, and the same
+            assert torch.equal(mask, target_mask), term
+        per_layer = torch.stack(
+            [ops.hidden_mse_reference(values[:, i], target[:, i], mask).double() for i in range(values.shape[1])], 1
+        )
+        per_term[term] = (per_layer / torch.tensor(manifest.term_variance(term), dtype=torch.float64)).mean(1)
+        assert per_term[term].mean().item() > 1e-4, term  # every term moved
+    weights = manifest.weights()
+    reference = (sum(weights[t] * per_term[t] for t in per_term) / sum(weights.values())).mean()
     grads_ref = torch.autograd.grad(reference, params, allow_unused=True)
 
-    assert loss.item() > 1e-4
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0)
     pairs = [(a, b) for a, b in zip(grads, grads_ref) if b is not None]
     assert len(pairs) > 10 and all(a is not None for a, _ in pairs)

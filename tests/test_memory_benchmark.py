@@ -25,19 +25,21 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def memory_report(tmp_path_factory) -> dict:
-    return _run("memory.py", tmp_path_factory.mktemp("memory"), "--model", "tiny", "--runs", "plain,craft",
+    return _run("memory.py", tmp_path_factory.mktemp("memory"), "--model", "tiny", "--runs", "lerobot,plain,craft",
                 "--batch_size", "2", "--anchor_batch_size", "2", "--shards", "2")
 
 
 def test_memory_counts_the_buffers_the_step_allocates(memory_report):
     config = memory_report["config"]
     rows = {r["name"]: r for r in memory_report["runs"]}
-    assert set(rows) == {"plain", "craft"}
+    assert set(rows) == {"lerobot", "plain", "craft"}
     grad_bytes = config["trainable_elements"] * config["bytes_per_trainable_element"]
     assert config["bytes_per_trainable_element"] == 4  # float32
-    for row in rows.values():
+    for row in (rows["plain"], rows["craft"]):
         assert math.isclose(row["grad_buffer_gib"] * GIB, grad_bytes)
-        assert math.isclose(row["task_grad_gib"], row["grad_buffer_gib"])  # T is allocated once, up front
+        # T is allocated as the task backward reaches it and freed after the optimizer step
+        assert math.isclose(row["task_grad_max_gib"], row["grad_buffer_gib"])
+        assert row["task_grad_phases"][0] == "task_backward" and row["task_grad_phases"][-1] == "optimizer"
         # AdamW keeps exp_avg and exp_avg_sq (parameter-sized) plus a scalar step per parameter
         assert 2 * row["grad_buffer_gib"] <= row["optimizer_gib"] < 2.01 * row["grad_buffer_gib"] + 1e-4
         assert row["parameters_gib"] * GIB >= config["parameters"] * 4
@@ -46,16 +48,19 @@ def test_memory_counts_the_buffers_the_step_allocates(memory_report):
         assert row["activations_gib"] >= 0 and row["temporaries_gib"] >= 0
         assert row["sharded_peak_gib"]["2"] < row["peak_gib"]  # --shards 2 divides the model-sized state
     plain, craft = rows["plain"], rows["craft"]
-    assert plain["retain_grad_gib"] == 0  # a plain run holds no R
-    assert math.isclose(craft["retain_grad_gib"], craft["grad_buffer_gib"])
-    assert craft["peak_gib"] - plain["peak_gib"] >= craft["grad_buffer_gib"]
+    assert plain["retain_grad_max_gib"] == 0  # a plain run holds no R
+    # R: one buffer, only from the anchor backward until the surgery has used it
+    assert math.isclose(craft["retain_grad_max_gib"], craft["grad_buffer_gib"])
+    assert craft["retain_grad_phases"] == ["anchor_backward", "surgery"]
     # the task pass's graph is gone before the anchor forward starts
     assert craft["transient_before_anchor_forward_gib"] < 0.05 * craft["task_pass_transient_peak_gib"]
     assert craft["anchor_pass_transient_peak_gib"] > 0
     # one host sync per step, StepOutput.read(); pooled anchors may add pooling's own check (RESULTS.md: host reads)
     assert plain["host_reads_per_step"] == {"host_sync": 1}
     assert craft["host_reads_per_step"]["host_sync"] == 1
-    assert set(memory_report["targets"]) == {"craft_extra_peak_ok", "craft_anchor_pass_ok"}
+    # CRaFT at the memory of lerobot's own step (issue targets: <= 0.25 buffer over it, <= 0.1 over plain)
+    assert memory_report["targets"] == {"craft_vs_plain_ok": True, "craft_anchor_pass_ok": True,
+                                        "plain_vs_lerobot_ok": True, "craft_vs_lerobot_ok": True}
 
 
 @pytest.mark.parametrize("policy", ["pi0", "pi05"])
@@ -68,13 +73,30 @@ def test_memory_measures_pi0_and_pi05(tmp_path, policy):
     assert report["config"]["policy"] == policy
     rows = {r["name"]: r for r in report["runs"]}
     assert set(rows) == {"plain", "craft"}
-    plain, craft = rows["plain"], rows["craft"]
-    assert math.isclose(craft["retain_grad_gib"], craft["grad_buffer_gib"])
-    assert craft["peak_gib"] - plain["peak_gib"] >= craft["grad_buffer_gib"]
+    craft = rows["craft"]
+    assert math.isclose(craft["retain_grad_max_gib"], craft["grad_buffer_gib"])
+    assert craft["retain_grad_phases"] == ["anchor_backward", "surgery"]
     assert craft["anchor_pass_transient_peak_gib"] > 0
     # the anchor pass checkpoints its layers as the task pass does: it never raises the transient peak
     assert report["targets"]["craft_anchor_pass_ok"], craft["transient_peak_by_phase_gib"]
     assert report["config"]["action_tokens"] == 8  # the kit's chunk: flow matching predicts the chunk directly
+
+
+def test_memory_measures_lora(tmp_path):
+    """--lora_rank: the policy wrapped by the trainer's --peft.* path (lerobot's wrap_with_peft) on fake
+    tensors; only the adapters train, so T, R and the optimizer state are the adapters' size."""
+    report = _run("memory.py", tmp_path, "--model", "tiny", "--lora_rank", "4", "--runs", "craft",
+                  "--batch_size", "1", "--anchor_batch_size", "1")
+    config, craft = report["config"], report["runs"][0]
+    assert config["lora_rank"] == 4 and "vision_tower" in config["lora_targets"]
+    # every linear layer of the toy's 2 language-model layers (7 each) and 1 SigLIP layer (6): A and B each
+    assert config["trainable_tensors"] == 2 * (2 * 7 + 6)
+    assert config["trainable_elements"] < 0.1 * config["parameters"]  # rank 4 is not small next to the toy's widths
+    assert math.isclose(craft["grad_buffer_gib"] * GIB, config["trainable_elements"] * 4)  # LoRA trains in float32
+    assert math.isclose(craft["task_grad_max_gib"], craft["grad_buffer_gib"])
+    assert math.isclose(craft["retain_grad_max_gib"], craft["grad_buffer_gib"])
+    assert craft["retain_grad_phases"] == ["anchor_backward", "surgery"]
+    assert 2 * craft["grad_buffer_gib"] <= craft["optimizer_gib"] < 2.01 * craft["grad_buffer_gib"] + 1e-4
 
 
 def test_memory_refuses_what_it_cannot_measure_for_pi0():
@@ -101,3 +123,8 @@ def test_train_step_reports_the_breakdown(tmp_path):
     assert report["overhead_fraction"] == pytest.approx(expected)
     assert all(v >= 0 for r in rows.values() for v in r["breakdown_s"].values())
     assert all(math.isfinite(rows[n]["final_loss_task"]) for n in ("plain", "craft_k1"))
+    # what a lazy gradient storage's allocation costs per step, against an eager one's zero-fill
+    storage = report["storage"]
+    assert storage["bytes"] > 0 and storage["pieces"] >= 1
+    assert storage["lazy_allocate_zero_free_s"] > 0 and storage["eager_zero_s"] > 0
+    assert storage["allocation_cost_s"] == pytest.approx(storage["lazy_allocate_zero_free_s"] - storage["eager_zero_s"])

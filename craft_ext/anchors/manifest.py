@@ -128,8 +128,8 @@ class ActionPathInfo:
       velocity       pi0 / pi0.5: the action expert's predicted velocity [chunk, action dims] at one
                      recorded flow-matching noise [chunk, max_action_dim] and time per row, with the
                      row's own action chunk (x_t = t noise + (1 - t) actions, as lerobot trains)
-      expert         pi0 / pi0.5: hidden states of the expert's `expert_layers` at the same point, the
-                     mean over the action positions (one vector per layer)
+      expert         pi0 / pi0.5: hidden states of the expert's `expert_layers` at the same point, over
+                     the action positions, pooled like the prefix (pooled: mean and last position)
       action_tokens  pi0-fast: the language model's `hidden.layers` at the positions of the teacher's
                      own (greedy) FAST tokens of the row, teacher-forced, pooled like the prefix
     noise_seed, time_distribution, noise_shape: how each row's noise and time were drawn

@@ -30,8 +30,9 @@ class PolicyEntry:
     config_path: str  # "module:Class" of lerobot's full-size config (imported on use: lerobot is slow)
     toy_config_name: str  # its class in craft_ext.policies.toy
     action_tokens: bool  # actions decoded as FAST tokens by the language model (pi0-fast)
-    #: what build_anchor_cache anchors of the action path by default (--action_path=default) and the
-    #: default weight of every retention term: chosen from the toy measurements in README, "Supported policies"
+    #: what build_anchor_cache anchors of the action path by default (--action_path=default; the expert term
+    #: at --expert_layers=-1) and the default weight of every retention term (none: 1 each): chosen from the
+    #: toy measurements in README, "Supported policies", and benchmarks/RESULTS.md, "Action-path anchors"
     default_action_path: tuple[str, ...] = ()
     default_term_weights: dict[str, float] = field(default_factory=dict)
 
@@ -58,12 +59,12 @@ POLICIES: dict[str, PolicyEntry] = {
         PolicyEntry(
             "pi0", "pi0", Pi0Adapter, "pi0_tiny",
             "lerobot.policies.pi0.configuration_pi0:PI0Config", "PI0TinyConfig", action_tokens=False,
-            default_action_path=("velocity",),
+            default_action_path=("velocity", "expert"),
         ),
         PolicyEntry(
             "pi05", "pi0.5", Pi05Adapter, "pi05_tiny",
             "lerobot.policies.pi05.configuration_pi05:PI05Config", "PI05TinyConfig", action_tokens=False,
-            default_action_path=("velocity",),
+            default_action_path=("velocity", "expert"),
         ),
     )
 }
