@@ -63,9 +63,8 @@ def checks(report: dict) -> list[str]:
     targets = report["targets"]
     out = []
     plain, lerobot = rows.get("plain"), rows.get("lerobot")
-    for name in ("craft", "craft_tokens"):
-        if name not in rows:
-            continue
+    crafts = [name for name in rows if name.startswith("craft")]
+    for name in crafts:
         r = rows[name]
         buffer = r["grad_buffer_gib"]
         if plain is not None:
@@ -84,13 +83,12 @@ def checks(report: dict) -> list[str]:
                    f"({'met' if targets[f'{name}_anchor_pass_ok'] else 'NOT met'}); left of the task pass "
                    f"when the anchor forward starts: {r['transient_before_anchor_forward_gib'] * 1024:.1f} MiB")
     if lerobot is not None:
-        for name in ("plain", "craft", "craft_tokens"):
-            if name in rows:
-                extra = rows[name]["peak_gib"] - lerobot["peak_gib"]
-                buffer = rows[name]["grad_buffer_gib"]
-                targets[f"{name}_vs_lerobot_ok"] = extra <= 0.25 * buffer
-                out.append(f"{name} vs lerobot's own step: {extra:+.2f} GiB ({extra / buffer:+.2f} gradient buffers; "
-                           f"target <= 0.25: {'met' if targets[f'{name}_vs_lerobot_ok'] else 'NOT met'})")
+        for name in [n for n in ("plain", *crafts) if n in rows]:
+            extra = rows[name]["peak_gib"] - lerobot["peak_gib"]
+            buffer = rows[name]["grad_buffer_gib"]
+            targets[f"{name}_vs_lerobot_ok"] = extra <= 0.25 * buffer
+            out.append(f"{name} vs lerobot's own step: {extra:+.2f} GiB ({extra / buffer:+.2f} gradient buffers; "
+                       f"target <= 0.25: {'met' if targets[f'{name}_vs_lerobot_ok'] else 'NOT met'})")
     for r in report["runs"]:
         if r["name"] == "lerobot":
             continue

@@ -41,15 +41,17 @@ def make_optimizer(policy, total_steps: int, implementation: str | None):
     return optimizer, scheduler
 
 
-def make_step(policy, adapter, optimizer, scheduler, accelerator, manifest):
-    """The CRaFT step with craft_ext.train's defaults (`--craft.*`); the plain step without a manifest."""
+def make_step(policy, adapter, optimizer, scheduler, accelerator, manifest, two_pass: bool = False):
+    """The CRaFT step with craft_ext.train's defaults (`--craft.*`; `two_pass`: --craft.two_pass_retention);
+    the plain step without a manifest."""
     from craft_ext.config import CraftConfig
     from craft_ext.engine.step import CraftStep
 
     craft = CraftConfig()
     clip = policy.config.get_optimizer_preset().grad_clip_norm
     return CraftStep(policy, adapter, optimizer, scheduler, accelerator, manifest=manifest, distance=craft.distance,
-                     project=craft.project, tau=craft.tau, merge=craft.merge, max_norm=clip if clip > 0 else None)
+                     project=craft.project, tau=craft.tau, merge=craft.merge, max_norm=clip if clip > 0 else None,
+                     two_pass=two_pass)
 
 
 class Phases:
@@ -59,7 +61,8 @@ class Phases:
     their calls mark the phase: `task_loss` starts the task forward, `prefix_hidden` (or, for a cache
     that anchors the action path, `anchor_forward`) the anchor forward, `backward` the matching
     backward, and the return from a backward the surgery (which also holds the switch of `param.grad`
-    between T and R and the zeroing of R). The caller marks the anchor fetch, the host sync and the
+    between T and R and the zeroing of R). A backward that follows no forward (the second anchor backward
+    of --craft.two_pass_retention) is marked as the previous one. The caller marks the anchor fetch, the host sync and the
     optimiser. `on_mark(old, new)` is called at each mark.
     """
 
@@ -105,9 +108,12 @@ class _MarkingAdapter:
 class _MarkingAccelerator:
     def __init__(self, accelerator, phases: Phases):
         self._accelerator, self._phases = accelerator, phases
+        self._last = "task_backward"
 
     def backward(self, loss, **kwargs):
-        self._phases.mark(self._phases.phase.replace("forward", "backward"))
+        phase = self._phases.phase
+        self._last = phase.replace("forward", "backward") if "forward" in phase else self._last
+        self._phases.mark(self._last)
         self._accelerator.backward(loss, **kwargs)
         self._phases.mark("surgery")
 

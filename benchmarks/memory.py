@@ -37,7 +37,8 @@ host sync.
 Runs, side by side in one process: `lerobot` (lerobot-train's own `update_policy`: the baseline users
 run today; its T column is its `param.grad` tensors, made by the backward and dropped by
 `zero_grad`), `plain` (the CRaFT step with `--craft.enable=false`: no R), `craft` (K = 1, `pooled`
-anchors), `craft_tokens` (K = 1, `tokens` anchors). The rows also say how large T and R get over the
+anchors), `craft_tokens` (K = 1, `tokens` anchors), `craft_two_pass` (K = 1, `pooled` anchors,
+`--craft.two_pass_retention`: R computed twice and never stored). The rows also say how large T and R get over the
 whole step and in which phases they live (`task_grad_max_gib`, `task_grad_phases`, ...).
 
 `--lora_rank R` wraps the policy in LoRA adapters of rank R on every linear layer of the language
@@ -76,7 +77,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from craft_ext.policies.registry import POLICIES
 
 GIB = 2**30
-RUNS = ("lerobot", "plain", "craft", "craft_tokens")
+RUNS = ("lerobot", "plain", "craft", "craft_tokens", "craft_two_pass")
 
 
 def measure(args, run: str, tokenizers, accelerator) -> dict:
@@ -102,8 +103,8 @@ def measure(args, run: str, tokenizers, accelerator) -> dict:
         batch = task_batch(policy, args.batch_size)
         counter.label(batch.values(), "inputs")
         manifest = anchors = None
-        if run in ("craft", "craft_tokens"):
-            pooling = "pooled" if run == "craft" else "tokens"
+        if run.startswith("craft"):
+            pooling = "tokens" if run == "craft_tokens" else "pooled"
             manifest = synthetic_manifest(adapter, layers=args.layers, pooling=pooling, rows=args.anchor_batch_size)
             anchors = synthetic_anchor_batch(manifest, args.anchor_batch_size)
             counter.label([*anchors.inputs.values(), anchors.hidden, anchors.mask], "inputs")
@@ -115,7 +116,7 @@ def measure(args, run: str, tokenizers, accelerator) -> dict:
             optimizer.register_step_pre_hook(lambda *_: phases.mark("optimizer"))
         else:
             step = make_step(policy, phases.adapter(adapter), optimizer, scheduler, phases.accelerator(accelerator),
-                             manifest)
+                             manifest, two_pass=run == "craft_two_pass")
             _label_storage(counter, step.bufs.task, "task_grad")
             if step.bufs.retain is not None:
                 _label_storage(counter, step.bufs.retain, "retain_grad")

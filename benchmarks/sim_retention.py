@@ -4,6 +4,7 @@ old ones? Every method through the same trainer, seeds and step budget; success 
     python benchmarks/sim_retention.py --old_tasks=reach-v3,button-press-topdown-v3,drawer-open-v3 \\
         --new_task=door-open-v3 --output_dir=outputs/sim_retention --json sim_retention.json
     python benchmarks/sim_retention.py ... --quick      # one seed; plain, default CRaFT, replay
+    python benchmarks/sim_retention.py ... --methods=craft --epsilons=0.002 --craft.lambda_lr=5
 
 1. Demonstrations: MetaWorld's scripted experts, successful episodes only (craft_ext.sim.record), one
    dataset of the old tasks and one of the new task.
@@ -20,7 +21,9 @@ old ones? Every method through the same trainer, seeds and step budget; success 
    code, --eval_episodes seeded layouts per task (the same for every checkpoint, none of them recorded).
 
 Every step is kept in --output_dir and reused by a later invocation with the same settings (points.jsonl
-records each finished run). Written: table.md, pareto.png (old-task success kept vs new-task success)
+records each finished run; settings.json the sizes, which a later invocation must match).
+`--craft.NAME=VALUE` flags (the trainer's) apply to the CRaFT methods and are part of a run's identity, like
+its knob. Written: table.md, pareto.png (old-task success kept vs new-task success)
 and, with --json, {"old_tasks", "new_task", "pretrained": {task: rate}, "runs": [{"method", "knob",
 "seed", "success": {task: rate}}], "settings"}. Task names are arguments: nothing depends on which.
 """
@@ -80,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     for f in dataclasses.fields(SimSettings):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        craft_flags = parse_craft_flags(rest)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     import craft_ext.sim  # noqa: F401  (headless rendering, before mujoco loads)
     from craft_ext.sim.tasks import parse_tasks
@@ -113,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the toy model gains nothing from threads; the env renders on the other core
     start = time.perf_counter()
     out = args.output_dir
+    try:
+        claim_output_dir(out, settings)
+    except ValueError as exc:
+        parser.error(str(exc))
     bench = prepare(out, old_tasks, new_task, settings)
-    report = run_sweep(bench, settings, sweep, seeds)
+    report = run_sweep(bench, settings, sweep, seeds, craft_flags)
     report["settings"] = dataclasses.asdict(settings)
     table = summary_table(report)
     (out / "table.md").write_text(table + "\n")
@@ -125,6 +136,49 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"\n{len(report['runs'])} runs, {time.perf_counter() - start:.0f} s; plot: {out / 'pareto.png'}")
     return 0
+
+
+def parse_craft_flags(args: list[str]) -> dict:
+    """`--craft.NAME=VALUE` arguments as {NAME: value} (JSON scalars, else strings), checked against the
+    trainer's CraftConfig; anything else is refused. The benchmark sets enable and anchor_cache itself."""
+    from craft_ext.config import CraftConfig
+
+    names = {f.name for f in dataclasses.fields(CraftConfig)} - {"enable", "anchor_cache"}
+    flags = {}
+    for arg in args:
+        name, sep, text = arg.removeprefix("--craft.").partition("=")
+        if not arg.startswith("--craft.") or not sep:
+            raise ValueError(f"unrecognized argument {arg!r} (trainer options go as --craft.NAME=VALUE)")
+        if name not in names:
+            raise ValueError(f"--craft.{name}: not a --craft option this benchmark can set")
+        try:
+            flags[name] = json.loads(text)
+        except json.JSONDecodeError:
+            flags[name] = text
+    dataclasses.replace(CraftConfig(enable=False), **flags).validate()  # one line naming the bad value
+    return flags
+
+
+def claim_output_dir(out: Path, s: SimSettings) -> None:
+    """Record `s` in out/settings.json, or check that the runs already there were made with `s`: reusing
+    data, policies or points made with other sizes would report them as these settings' results."""
+    path = out / "settings.json"
+    mine = dataclasses.asdict(s)
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        changed = [f"--{k}={mine[k]} (it holds {theirs.get(k)})" for k in mine if theirs.get(k) != mine[k]]
+        if changed:
+            raise ValueError(f"--output_dir {out} holds runs made with other settings: {', '.join(changed)}; "
+                             "choose another --output_dir")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine, indent=1) + "\n")
+
+
+def run_label(run: dict) -> str:
+    """The method, and the --craft.* flags it ran with, for tables and plots."""
+    flags = run.get("craft_flags") or {}
+    return LABELS[run["method"]] + (f" ({', '.join(f'{k}={v}' for k, v in flags.items())})" if flags else "")
 
 
 @dataclass(frozen=True)
@@ -224,7 +278,7 @@ def init_policy(directory: Path, datasets: list[Path], s: SimSettings) -> None:
 
 
 def train(policy_dir: Path, data: Path, output_dir: Path, s: SimSettings, *, steps: int, lr: float, seed: int,
-          method: str = "plain", knob=None, cache: Path | None = None) -> Path:
+          method: str = "plain", knob=None, cache: Path | None = None, craft_flags: dict | None = None) -> Path:
     """`python -m craft_ext.train --policy.path=POLICY --dataset.root=DATA ...` with `method`'s flags
     (benchmarks/retention.py); returns the last checkpoint's pretrained_model dir."""
     import shutil
@@ -247,7 +301,7 @@ def train(policy_dir: Path, data: Path, output_dir: Path, s: SimSettings, *, ste
     config = CraftTrainPipelineConfig(
         dataset=DatasetConfig(repo_id="local/metaworld", root=str(data)), policy=policy, output_dir=output_dir,
         seed=seed, steps=steps, batch_size=s.batch_size, num_workers=0, log_freq=max(1, steps // 10), save_freq=steps,
-        craft=CraftConfig(enable=anchored, anchor_cache=cache if anchored else None),
+        craft=CraftConfig(enable=anchored, anchor_cache=cache if anchored else None, **(craft_flags or {})),
     )
     run(apply_method(config, method, knob, cache))
     return output_dir / "checkpoints" / "last" / "pretrained_model"
@@ -265,40 +319,60 @@ def success(checkpoint: Path, tasks: list[str], s: SimSettings, output_dir: Path
     return {task: result["rate"] for task, result in model["success"].items()}
 
 
-def run_sweep(bench: Bench, s: SimSettings, sweep: dict[str, list], seeds: list[int]) -> dict:
-    """The pre-trained policy's success, then every (method, knob, seed) run's; points.jsonl keeps each."""
+def run_sweep(bench: Bench, s: SimSettings, sweep: dict[str, list], seeds: list[int], craft_flags: dict | None = None) -> dict:
+    """The pre-trained policy's success, then every (method, knob, --craft.* flags, seed) run's; points.jsonl
+    keeps each. `craft_flags` apply to the CRaFT methods."""
     tasks = [*bench.old_tasks, bench.new_task]
     record = bench.out / "points.jsonl"
     done = {}
     if record.is_file():
         for line in record.read_text().splitlines():
             point = json.loads(line)
-            done[(point["method"], json.dumps(point["knob"]), point["seed"])] = point
-    if ("pretrained", "null", None) not in done:
+            done[_key(point["method"], point["knob"], point.get("craft_flags") or {}, point["seed"])] = point
+    pre_key = _key("pretrained", None, {}, None)
+    if pre_key not in done:
         _log("success of the pre-trained policy")
         point = {"method": "pretrained", "knob": None, "seed": None,
                  "success": success(bench.pretrained, tasks, s, bench.out / "eval" / "pretrained")}
         _append(record, point)
-        done[("pretrained", "null", None)] = point
+        done[pre_key] = point
     runs = []
     todo = [(m, knob, seed) for m, knobs in sweep.items() for knob in knobs for seed in seeds]
     for i, (method, knob, seed) in enumerate(todo, start=1):
-        key = (method, json.dumps(knob), seed)
+        flags = dict(craft_flags or {}) if method in ("craft", "craft_replay") else {}
+        key = _key(method, knob, flags, seed)
         if key not in done:
-            name = method + (f"_{knob:g}" if knob is not None else "") + f"_seed{seed}"
-            _log(f"{i}/{len(todo)} {LABELS[method]}" + (f", {KNOB_NAMES[method]} {knob:g}" if knob is not None else "")
-                 + f", seed {seed}: fine-tuning on {bench.new_task}")
+            name = method + (f"_{knob:g}" if knob is not None else "") + "".join(f"_{k}{v}" for k, v in flags.items())
+            name += f"_seed{seed}"
+            knob_text = f", {KNOB_NAMES[method]} {knob:g}" if knob is not None else ""
+            _log(f"{i}/{len(todo)} {run_label({'method': method, 'craft_flags': flags})}{knob_text}, seed {seed}: "
+                 f"fine-tuning on {bench.new_task}")
             t0 = time.perf_counter()
             checkpoint = train(bench.pretrained, bench.new_data, bench.out / "runs" / name, s, steps=s.steps, lr=s.lr,
-                               seed=seed, method=method, knob=knob, cache=bench.cache)
+                               seed=seed, method=method, knob=knob, cache=bench.cache, craft_flags=flags)
             rates = success(checkpoint, tasks, s, bench.out / "eval" / name)
             done[key] = {"method": method, "knob": knob, "seed": seed, "success": rates,
                          "wall_time_s": time.perf_counter() - t0}
+            if flags:
+                done[key]["craft_flags"] = flags
+            done[key]["training"] = last_metrics(bench.out / "runs" / name)
             _append(record, done[key])
             _log("  " + ", ".join(f"{t} {r:.0%}" for t, r in rates.items()))
         runs.append(done[key])
     return {"old_tasks": bench.old_tasks, "new_task": bench.new_task,
-            "pretrained": done[("pretrained", "null", None)]["success"], "runs": runs}
+            "pretrained": done[pre_key]["success"], "runs": runs}
+
+
+def last_metrics(run_dir: Path) -> dict:
+    """The run's last logged window (metrics.jsonl): where L_ret, lambda and the projection ended."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: last[k] for k in ("loss_task", "loss_ret", "lambda", "epsilon", "projected_rate", "cos") if k in last}
+
+
+def _key(method: str, knob, flags: dict, seed) -> tuple:
+    return method, json.dumps(knob), json.dumps(flags, sort_keys=True), seed
 
 
 def _append(path: Path, point: dict) -> None:
@@ -313,11 +387,12 @@ def summarise(report: dict) -> list[dict]:
     before = statistics.fmean(report["pretrained"][t] for t in old)
     groups: dict[tuple, list[dict]] = {}
     for run in report["runs"]:
-        groups.setdefault((run["method"], json.dumps(run["knob"])), []).append(run)
+        groups.setdefault(_key(run["method"], run["knob"], run.get("craft_flags") or {}, None), []).append(run)
     rows = []
-    for (method, _), group in groups.items():
+    for (method, *_), group in groups.items():
         kept = [statistics.fmean(r["success"][t] for t in old) for r in group]
-        rows.append({"method": method, "knob": group[0]["knob"], "seeds": len(group), "old": statistics.fmean(kept),
+        rows.append({"method": method, "knob": group[0]["knob"], "label": run_label(group[0]), "seeds": len(group),
+                     "old": statistics.fmean(kept),
                      "old_std": statistics.stdev(kept) if len(kept) > 1 else 0.0, "drop": before - statistics.fmean(kept),
                      "new": statistics.fmean(r["success"][new] for r in group),
                      "per_task": {t: statistics.fmean(r["success"][t] for r in group) for t in [*old, new]}})
@@ -335,7 +410,7 @@ def summary_table(report: dict) -> str:
               "-", f"{pre[new]:.0%}"] + (["-"] if plain else [])]
     for r in rows:
         knob = "default" if r["knob"] is None and r["method"] != "plain" else ("-" if r["knob"] is None else f"{r['knob']:g}")
-        line = [LABELS[r["method"]], knob, str(r["seeds"]), *[f"{r['per_task'][t]:.0%}" for t in old],
+        line = [r["label"], knob, str(r["seeds"]), *[f"{r['per_task'][t]:.0%}" for t in old],
                 f"{r['old']:.0%}" + (f" ± {r['old_std']:.0%}" if r["seeds"] > 1 else ""), f"{-r['drop'] * 100:+.0f} pts",
                 f"{r['new']:.0%}"]
         if plain:
@@ -356,7 +431,7 @@ def plot_pareto(report: dict, path: Path) -> None:
     ax.scatter([pre[report["new_task"]]], [statistics.fmean(pre[t] for t in report["old_tasks"])], marker="*", s=160,
                color="black", label="pre-trained")
     for r in summarise(report):
-        ax.scatter([r["new"]], [r["old"]], s=60, label=LABELS[r["method"]] + ("" if r["knob"] is None else f" {r['knob']:g}"))
+        ax.scatter([r["new"]], [r["old"]], s=60, label=r["label"] + ("" if r["knob"] is None else f" {r['knob']:g}"))
     ax.set(xlabel=f"new task success ({report['new_task']})", ylabel="old tasks success (mean)", xlim=(-0.05, 1.05),
            ylim=(-0.05, 1.05), title="closed-loop retention (upper right is better)")
     ax.grid(alpha=0.3)

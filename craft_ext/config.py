@@ -99,6 +99,12 @@ class CraftConfig:
     # chain, and no parameter-sized temporary (the for-each path allocates one at the step's end).
     # null = on for CUDA, off elsewhere (on the CPU torch's default is a per-parameter loop).
     fused_adamw: bool | None = None
+    # Compute the retention gradient R twice per retention step (once for the surgery's statistics, once
+    # to merge it into the task gradient, each parameter's share as the backward makes it) so that R is
+    # never stored: about one gradient buffer less where the surgery is the step's peak (gradient
+    # checkpointing with a fused AdamW), for a second anchor backward. One process,
+    # --craft.gradient_accumulation_steps=1.
+    two_pass_retention: bool = False
     # Seconds a process waits for the others in a collective before the run stops with an error (a
     # process died or hangs); longer than the slowest checkpoint write.
     dist_timeout_s: float = 600.0
@@ -124,6 +130,11 @@ class CraftConfig:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"--craft.{name}={getattr(self, name)}: expected an integer >= 1")
+        if self.two_pass_retention and self.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "--craft.two_pass_retention=true needs --craft.gradient_accumulation_steps=1 (its R is merged while "
+                "the anchor backward runs, so it cannot accumulate over micro-batches)"
+            )
         if self.epsilon_decay_steps < 0:
             raise ValueError(f"--craft.epsilon_decay_steps={self.epsilon_decay_steps}: expected >= 0")
         for name in ("lambda_init", "lambda_lr", "lambda_max", "pi_kp", "pi_ki", "epsilon_start", "epsilon_end"):

@@ -41,10 +41,20 @@ def test_the_benchmark_reports_success_per_method_and_task(tmp_path):
     again = _run(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "fine-tuning on" not in again.stdout and "pre-training" not in again.stdout
+    # --craft.* flags make another run of the CRaFT methods, recorded with them; other sizes are refused
+    flagged = _run(*args, "--methods=craft", "--craft.lambda_lr=5", f"--json={report}")
+    assert flagged.returncode == 0, flagged.stderr[-3000:]
+    assert "CRaFT (lambda_lr=5), seed 0: fine-tuning on" in flagged.stdout and "pre-training" not in flagged.stdout
+    (run,) = json.loads(report.read_text())["runs"]
+    assert run["craft_flags"] == {"lambda_lr": 5} and "lambda" in run["training"]
+    other = _run(*args, "--steps=3")
+    assert other.returncode == 2 and "holds runs made with other settings: --steps=3 (it holds 2)" in other.stderr
 
 
-def test_bad_task_names_are_one_line(tmp_path):
+def test_bad_task_names_and_flags_are_one_line(tmp_path):
     proc = _run("--old_tasks=reach-v3", "--new_task=reach-v3", f"--output_dir={tmp_path}")
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--new_task reach-v3 is one of --old_tasks")
     proc = _run("--old_tasks=reach-v9", "--new_task=push-v3", f"--output_dir={tmp_path}")
     assert proc.returncode == 2 and "unknown MetaWorld task(s) reach-v9" in proc.stderr.splitlines()[-1]
+    proc = _run("--old_tasks=reach-v3", "--new_task=push-v3", f"--output_dir={tmp_path}", "--craft.lambda_lr=-1")
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--craft.lambda_lr=-1: expected a finite number >= 0")

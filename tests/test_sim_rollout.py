@@ -39,5 +39,9 @@ def test_wilson_interval():
     assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     assert wilson_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
     assert wilson_interval(20, 20) == pytest.approx((0.8389, 1.0), abs=1e-4)
+    for n in range(1, 60):  # the rate lies inside its interval exactly, also at 0 and n successes
+        for k in (0, n):
+            low, high = wilson_interval(k, n)
+            assert low <= k / n <= high
     with pytest.raises(ValueError, match="need 0 <= successes <= n"):
         wilson_interval(3, 2)

@@ -229,17 +229,19 @@ class GradBuffers:
 
     def use(self, which: str) -> None:
         """Point every ``param.grad`` at the ``"task"`` or ``"retain"`` storage (backward accumulates there;
-        None where a lazy storage has no piece yet).
+        None where a lazy storage has no piece yet), or at ``"none"``: no storage, every ``param.grad``
+        None, so a backward makes plain per-parameter gradients, which the caller consumes and drops
+        (``param.grad = None``) before the next switch (craft_ext.engine.two_pass).
 
         Raises if a ``param.grad`` was replaced since the last switch (the gradients would then not be
         in the buffers) or the parameters changed dtype/device (``model.to``) since construction.
         """
-        if which not in ("task", "retain"):
-            raise ValueError(f"which={which!r}: expected 'task' or 'retain'")
+        if which not in ("task", "retain", "none"):
+            raise ValueError(f"which={which!r}: expected 'task', 'retain' or 'none'")
         if which == "retain" and self.retain is None:
             raise ValueError("GradBuffers was built with retention=False: it has no retention storage")
         for i, (name, p, built_for) in enumerate(zip(self.names, self.params, self._built_for)):
-            if p.grad is not None and p.grad is not self._active.grad(i):
+            if p.grad is not None and (self._active is None or p.grad is not self._active.grad(i)):
                 raise RuntimeError(
                     f"GradBuffers: {name}.grad was replaced, so its gradient is not in the buffers (did "
                     "optimizer.zero_grad() set it to None before a backward, or backward use create_graph=True?)"
@@ -249,20 +251,22 @@ class GradBuffers:
                     f"GradBuffers: parameter {name!r} is now {p.dtype} on {p.device} but the buffers were built "
                     f"for {built_for[0]} on {built_for[1]}; build a new GradBuffers after model.to(...)"
                 )
-        self._bind(self.task if which == "task" else self.retain)
+        self._bind({"task": self.task, "retain": self.retain, "none": None}[which])
 
-    def _bind(self, storage: FlatGrads) -> None:
-        self._active.bound = False
+    def _bind(self, storage: Optional[FlatGrads]) -> None:
+        if self._active is not None:
+            self._active.bound = False
         self._active = storage
-        storage.bound = True
+        if storage is not None:
+            storage.bound = True
         for i, p in enumerate(self.params):
-            p.grad = storage.grad(i)
+            p.grad = storage.grad(i) if storage is not None else None
 
     def _reach_hook(self, index: int):
         def hook(_grad: torch.Tensor) -> None:
             # runs before autograd accumulates the gradient: with param.grad pointing at a zero-filled
             # view, the accumulation is the in-place add an eager buffer gets
-            if self.params[index].grad is None:
+            if self._active is not None and self.params[index].grad is None:
                 self._active.reach(index)
 
         return hook

@@ -11,7 +11,9 @@ Memory: T and R are lazy storages cut like the gradient buckets (`bucket_bytes`)
 as the task backward reaches them and are freed after the optimiser step; R's appear as the anchor
 backward reaches them and are freed as soon as the surgery has merged R into T, so R exists only on
 retention steps, from the anchor backward to the merge (docs/architecture.md, "Memory"). FSDP2 shards
-are allocated whole when their backward starts.
+are allocated whole when their backward starts. With ``two_pass`` R is never stored: the anchor
+backward runs twice, once for the surgery's stats and once to merge R into T, each parameter's
+gradient consumed as it is made (craft_ext.engine.two_pass).
 
 Gradient accumulation (N > 1 micro-batches per step): the step's frames come as N micro-batches and
 its anchors as N anchor batches; each gets its own forward and backward, accumulating in place into T
@@ -48,6 +50,7 @@ from .distributed import DEFAULT_BUCKET_BYTES, BucketReducer, distributed_surger
 from .grad_buffers import GradBuffers
 from .retention import retention_loss
 from .surgery import surgery_
+from .two_pass import GradientTap, two_pass_retention
 
 #: surgery metrics that exist only on retention steps
 _RETENTION_METRICS = ("cos", "conflict", "projected", "retain_norm")
@@ -93,6 +96,7 @@ class CraftStep:
         merge: str,
         max_norm: float | None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        two_pass: bool = False,
     ) -> None:
         if accelerator.scaler is not None:
             raise ValueError("fp16 mixed precision (a GradScaler) is not supported by the CRaFT step: use bf16")
@@ -107,6 +111,13 @@ class CraftStep:
         # (`craft_ext.trainer.sharding`) are reduce-scattered by FSDP itself
         replicated = self.distributed and not self.bufs.task.sharded
         self.reducer = BucketReducer(self.bufs, bucket_bytes=bucket_bytes) if replicated else None
+        # R never stored (see the module doc): one process, unsharded, one anchor batch per step
+        self.tap = None
+        if two_pass and manifest is not None:
+            if self.distributed:
+                raise ValueError("--craft.two_pass_retention runs in one process only (its R is never stored, so it cannot be "
+                                 "summed over processes): drop it, or use --craft.sharding=fsdp2 to divide the memory")
+            self.tap = GradientTap(self.bufs)
         #: called once T is reduced, before the surgery, to add terms to the task gradient (the trainer
         #: sets it for the baselines that have one: L2-SP's T += S (theta - theta_0))
         self.before_surgery: Callable[[], None] | None = None
@@ -135,6 +146,8 @@ class CraftStep:
             if epsilon is None:
                 raise ValueError("CraftStep.compute: a retention step needs epsilon (the step's tolerance)")
             anchors = [anchors] if isinstance(anchors, AnchorBatch) else list(anchors)
+            if self.tap is not None:
+                return self._two_pass(anchors, loss_task, lam, epsilon)
             self.bufs.retain.zero_()  # R's pieces appear during the anchor backward
             self.bufs.use("retain")
             loss_ret = self._backward(anchors, self._retention_loss, _rows, "retain")  # L_ret: a mean over rows
@@ -153,6 +166,18 @@ class CraftStep:
         if retain is not None:
             retain.release_()  # merged into T: R's memory is free again before the optimiser step
         return StepOutput(loss_task, loss_ret, out)
+
+    def _two_pass(self, anchors: list[AnchorBatch], loss_task: torch.Tensor, lam: float, epsilon: float) -> StepOutput:
+        """The retention half of a two-pass step: T is whole, R is computed twice and never stored."""
+        if len(anchors) != 1:
+            raise ValueError("--craft.two_pass_retention needs one anchor batch per step (--craft.gradient_accumulation_steps=1)")
+        if self.before_surgery is not None:
+            self.before_surgery()  # T's own terms first: the stats are of the final T
+        with self.accelerator.autocast():
+            loss_ret = self._retention_loss(anchors[0])
+        out = two_pass_retention(self.bufs, self.tap, loss_ret, self.accelerator.backward, lam, epsilon=epsilon,
+                                 **self.surgery_options)
+        return StepOutput(loss_task, loss_ret.detach().float(), out)
 
     def _backward(self, parts: list, loss_of: Callable, terms_of: Callable, kind: str) -> torch.Tensor:
         """Forward and backward of each part into the `kind` buffer (which `param.grad` points at),

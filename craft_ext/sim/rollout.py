@@ -62,7 +62,8 @@ def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, flo
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 or n successes a bound equals the rate; rounding can put it a hair on the wrong side of it
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def success_report(results: dict[str, TaskSuccess]) -> dict[str, dict]:

@@ -56,6 +56,11 @@ def check_distributed(accelerator, cfg: CraftTrainPipelineConfig) -> None:
             "--env.* evaluates in closed loop in one process only: train without --env.* and evaluate the "
             "checkpoints with python -m craft_ext.eval --env.*"
         )
+    if cfg.craft.two_pass_retention and accelerator.num_processes > 1:
+        raise ValueError(
+            "--craft.two_pass_retention runs in one process only (R is merged while the anchor backward runs, before "
+            "any sum over processes): drop it, or divide the memory with --craft.sharding=fsdp2"
+        )
     if cfg.craft.sharding == "fsdp2" and accelerator.num_processes == 1:
         raise ValueError(
             "--craft.sharding=fsdp2 divides the policy over several processes: launch with torchrun "

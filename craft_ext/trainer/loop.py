@@ -188,6 +188,7 @@ def setup(cfg: CraftTrainPipelineConfig) -> Run:
         merge=cfg.craft.merge,
         max_norm=cfg.optimizer.grad_clip_norm if cfg.optimizer.grad_clip_norm > 0 else None,
         bucket_bytes=int(cfg.craft.bucket_mb * 2**20),
+        two_pass=cfg.craft.two_pass_retention,
     )
     collate = lerobot_collate_fn if dataset.meta.has_language_columns else default_collate
     baselines = make_baselines(
