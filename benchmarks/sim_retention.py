@@ -4,7 +4,7 @@ old ones? Every method through the same trainer, seeds and step budget; success 
     python benchmarks/sim_retention.py --old_tasks=reach-v3,button-press-topdown-v3,drawer-open-v3 \\
         --new_task=door-open-v3 --output_dir=outputs/sim_retention --json sim_retention.json
     python benchmarks/sim_retention.py ... --quick      # one seed; plain, default CRaFT, replay
-    python benchmarks/sim_retention.py ... --methods=craft --epsilons=0.002 --craft.lambda_lr=5
+    python benchmarks/sim_retention.py ... --methods=craft --epsilons=0.002 --craft.lambda_lr=5 --cache.pooling=tokens
 
 1. Demonstrations: MetaWorld's scripted experts, successful episodes only (craft_ext.sim.record), one
    dataset of the old tasks and one of the new task.
@@ -22,10 +22,12 @@ old ones? Every method through the same trainer, seeds and step budget; success 
 
 Every step is kept in --output_dir and reused by a later invocation with the same settings (points.jsonl
 records each finished run; settings.json the sizes, which a later invocation must match).
-`--craft.NAME=VALUE` flags (the trainer's) apply to the CRaFT methods and are part of a run's identity, like
-its knob. Written: table.md, pareto.png (old-task success kept vs new-task success)
-and, with --json, {"old_tasks", "new_task", "pretrained": {task: rate}, "runs": [{"method", "knob",
-"seed", "success": {task: rate}}], "settings"}. Task names are arguments: nothing depends on which.
+`--craft.NAME=VALUE` flags (the trainer's) apply to the CRaFT methods, `--cache.NAME=VALUE` flags (the anchor
+cache builder's: layers, pooling, action_path, ...) to the anchor cache of the methods that use one (a cache per
+set of flags); both are part of a run's identity, like its knob. Written: table.md, pareto.png (old-task success
+kept vs new-task success) and, with --json, {"old_tasks", "new_task", "pretrained": {task: rate}, "runs":
+[{"method", "knob", "seed", "success": {task: rate}, "flags", "training"}], "settings"}. Task names are
+arguments: nothing depends on which.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     args, rest = parser.parse_known_args(argv)
     try:
-        craft_flags = parse_craft_flags(rest)
+        flags = parse_flags(rest)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     bench = prepare(out, old_tasks, new_task, settings)
-    report = run_sweep(bench, settings, sweep, seeds, craft_flags)
+    report = run_sweep(bench, settings, sweep, seeds, flags)
     report["settings"] = dataclasses.asdict(settings)
     table = summary_table(report)
     (out / "table.md").write_text(table + "\n")
@@ -138,25 +140,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_craft_flags(args: list[str]) -> dict:
-    """`--craft.NAME=VALUE` arguments as {NAME: value} (JSON scalars, else strings), checked against the
-    trainer's CraftConfig; anything else is refused. The benchmark sets enable and anchor_cache itself."""
+#: the anchor cache builder's options a `--cache.*` flag may set (the rest is the benchmark's)
+CACHE_OPTIONS = ("layers", "pooling", "action_path", "expert_layers", "term_weights", "dtype")
+
+
+def parse_flags(args: list[str]) -> dict[str, dict]:
+    """`--craft.NAME=VALUE` and `--cache.NAME=VALUE` arguments as {"craft": {NAME: value}, "cache": {...}}
+    (JSON scalars, else strings; empty sections left out), checked against the trainer's CraftConfig and
+    the cache builder's config; anything else is refused. The benchmark sets enable and anchor_cache itself."""
+    from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource
     from craft_ext.config import CraftConfig
 
-    names = {f.name for f in dataclasses.fields(CraftConfig)} - {"enable", "anchor_cache"}
-    flags = {}
+    allowed = {"craft": {f.name for f in dataclasses.fields(CraftConfig)} - {"enable", "anchor_cache"},
+               "cache": set(CACHE_OPTIONS)}
+    flags: dict[str, dict] = {}
     for arg in args:
-        name, sep, text = arg.removeprefix("--craft.").partition("=")
-        if not arg.startswith("--craft.") or not sep:
-            raise ValueError(f"unrecognized argument {arg!r} (trainer options go as --craft.NAME=VALUE)")
-        if name not in names:
-            raise ValueError(f"--craft.{name}: not a --craft option this benchmark can set")
+        section, dot, rest = arg.removeprefix("--").partition(".")
+        name, sep, text = rest.partition("=")
+        if not arg.startswith("--") or section not in allowed or not dot or not sep:
+            raise ValueError(f"unrecognized argument {arg!r} (trainer and cache options go as --craft.NAME=VALUE, "
+                             "--cache.NAME=VALUE)")
+        if name not in allowed[section]:
+            raise ValueError(f"--{section}.{name}: not a --{section} option this benchmark can set")
         try:
-            flags[name] = json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            flags[name] = text
-    dataclasses.replace(CraftConfig(enable=False), **flags).validate()  # one line naming the bad value
+            value = text
+        flags.setdefault(section, {})[name] = value if section == "craft" else str(text)
+    # one line naming the bad value
+    dataclasses.replace(CraftConfig(enable=False), **flags.get("craft", {})).validate()
+    dataclasses.replace(BuildAnchorCacheConfig(policy=PolicySource("-"), dataset=DatasetSource("-"), output_dir="-"),
+                        **flags.get("cache", {})).validate()
     return flags
+
+
+def method_flags(method: str, flags: dict[str, dict]) -> dict[str, dict]:
+    """The sections of `flags` that apply to `method`: --craft.* to the CRaFT methods, --cache.* to those
+    that train against the anchor cache (replay only takes its frames, which no --cache.* flag changes)."""
+    sections = {"craft": method in ("craft", "craft_replay"), "cache": uses_anchors(method)}
+    return {k: v for k, v in flags.items() if sections[k] and v}
 
 
 def claim_output_dir(out: Path, s: SimSettings) -> None:
@@ -176,9 +198,10 @@ def claim_output_dir(out: Path, s: SimSettings) -> None:
 
 
 def run_label(run: dict) -> str:
-    """The method, and the --craft.* flags it ran with, for tables and plots."""
-    flags = run.get("craft_flags") or {}
-    return LABELS[run["method"]] + (f" ({', '.join(f'{k}={v}' for k, v in flags.items())})" if flags else "")
+    """The method, and the --craft.* / --cache.* flags it ran with, for tables and plots."""
+    flags = run.get("flags") or {}
+    text = "; ".join(", ".join(f"{section}.{k}={v}" for k, v in values.items()) for section, values in flags.items())
+    return LABELS[run["method"]] + (f" ({text})" if text else "")
 
 
 @dataclass(frozen=True)
@@ -189,7 +212,6 @@ class Bench:
     old_data: Path
     new_data: Path
     pretrained: Path  # the pre-trained policy (pretrained_model dir)
-    cache: Path
 
 
 def _log(message: str) -> None:
@@ -214,15 +236,25 @@ def prepare(out: Path, old_tasks: list[str], new_task: str, s: SimSettings) -> B
     if not pretrained.is_dir():
         _log(f"pre-training on {', '.join(old_tasks)}: {s.pretrain_steps} steps, batch {s.batch_size}")
         train(init, data["old"], out / "pretrain", s, steps=s.pretrain_steps, lr=s.pretrain_lr, seed=0)
-    cache = out / "anchors"
-    if not (cache / "manifest.json").is_file():
-        _log(f"anchor cache: {s.num_anchors} frames of the old tasks -> {cache}")
-        from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
+    bench = Bench(out, old_tasks, new_task, data["old"], data["new"], pretrained)
+    anchor_cache(bench, s, {})
+    return bench
 
-        build(BuildAnchorCacheConfig(policy=PolicySource(str(pretrained)),
-                                     dataset=DatasetSource(repo_id="local/metaworld", root=str(data["old"])),
-                                     output_dir=str(cache), num_anchors=s.num_anchors))
-    return Bench(out, old_tasks, new_task, data["old"], data["new"], pretrained, cache)
+
+def anchor_cache(bench: Bench, s: SimSettings, options: dict[str, str]) -> Path:
+    """The pre-trained policy's anchor cache on the old tasks' frames, built with the cache builder's
+    `options` (--cache.*) if it is not there: out/anchors, or out/anchors_<options> for other options."""
+    from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
+
+    suffix = "".join(f"_{k}-{v}" for k, v in sorted(options.items())).replace(",", "+").replace("=", "-")
+    cache = bench.out / f"anchors{suffix}"
+    if not (cache / "manifest.json").is_file():
+        _log(f"anchor cache: {s.num_anchors} frames of the old tasks" + (f", {options}" if options else "")
+             + f" -> {cache}")
+        build(BuildAnchorCacheConfig(policy=PolicySource(str(bench.pretrained)),
+                                     dataset=DatasetSource(repo_id="local/metaworld", root=str(bench.old_data)),
+                                     output_dir=str(cache), num_anchors=s.num_anchors, **options))
+    return cache
 
 
 def init_policy(directory: Path, datasets: list[Path], s: SimSettings) -> None:
@@ -319,16 +351,16 @@ def success(checkpoint: Path, tasks: list[str], s: SimSettings, output_dir: Path
     return {task: result["rate"] for task, result in model["success"].items()}
 
 
-def run_sweep(bench: Bench, s: SimSettings, sweep: dict[str, list], seeds: list[int], craft_flags: dict | None = None) -> dict:
-    """The pre-trained policy's success, then every (method, knob, --craft.* flags, seed) run's; points.jsonl
-    keeps each. `craft_flags` apply to the CRaFT methods."""
+def run_sweep(bench: Bench, s: SimSettings, sweep: dict[str, list], seeds: list[int], flags: dict | None = None) -> dict:
+    """The pre-trained policy's success, then every (method, knob, flags, seed) run's; points.jsonl keeps
+    each. `flags` ({"craft": ..., "cache": ...}, `parse_flags`) apply where `method_flags` says."""
     tasks = [*bench.old_tasks, bench.new_task]
     record = bench.out / "points.jsonl"
     done = {}
     if record.is_file():
         for line in record.read_text().splitlines():
             point = json.loads(line)
-            done[_key(point["method"], point["knob"], point.get("craft_flags") or {}, point["seed"])] = point
+            done[_key(point["method"], point["knob"], point.get("flags") or {}, point["seed"])] = point
     pre_key = _key("pretrained", None, {}, None)
     if pre_key not in done:
         _log("success of the pre-trained policy")
@@ -339,22 +371,24 @@ def run_sweep(bench: Bench, s: SimSettings, sweep: dict[str, list], seeds: list[
     runs = []
     todo = [(m, knob, seed) for m, knobs in sweep.items() for knob in knobs for seed in seeds]
     for i, (method, knob, seed) in enumerate(todo, start=1):
-        flags = dict(craft_flags or {}) if method in ("craft", "craft_replay") else {}
-        key = _key(method, knob, flags, seed)
+        mine = method_flags(method, flags or {})
+        key = _key(method, knob, mine, seed)
         if key not in done:
-            name = method + (f"_{knob:g}" if knob is not None else "") + "".join(f"_{k}{v}" for k, v in flags.items())
+            name = method + (f"_{knob:g}" if knob is not None else "")
+            name += "".join(f"_{k}-{v}" for values in mine.values() for k, v in values.items()).replace(",", "+")
             name += f"_seed{seed}"
             knob_text = f", {KNOB_NAMES[method]} {knob:g}" if knob is not None else ""
-            _log(f"{i}/{len(todo)} {run_label({'method': method, 'craft_flags': flags})}{knob_text}, seed {seed}: "
+            _log(f"{i}/{len(todo)} {run_label({'method': method, 'flags': mine})}{knob_text}, seed {seed}: "
                  f"fine-tuning on {bench.new_task}")
             t0 = time.perf_counter()
+            cache = anchor_cache(bench, s, mine.get("cache", {}))
             checkpoint = train(bench.pretrained, bench.new_data, bench.out / "runs" / name, s, steps=s.steps, lr=s.lr,
-                               seed=seed, method=method, knob=knob, cache=bench.cache, craft_flags=flags)
+                               seed=seed, method=method, knob=knob, cache=cache, craft_flags=mine.get("craft"))
             rates = success(checkpoint, tasks, s, bench.out / "eval" / name)
             done[key] = {"method": method, "knob": knob, "seed": seed, "success": rates,
                          "wall_time_s": time.perf_counter() - t0}
-            if flags:
-                done[key]["craft_flags"] = flags
+            if mine:
+                done[key]["flags"] = mine
             done[key]["training"] = last_metrics(bench.out / "runs" / name)
             _append(record, done[key])
             _log("  " + ", ".join(f"{t} {r:.0%}" for t, r in rates.items()))
@@ -387,7 +421,7 @@ def summarise(report: dict) -> list[dict]:
     before = statistics.fmean(report["pretrained"][t] for t in old)
     groups: dict[tuple, list[dict]] = {}
     for run in report["runs"]:
-        groups.setdefault(_key(run["method"], run["knob"], run.get("craft_flags") or {}, None), []).append(run)
+        groups.setdefault(_key(run["method"], run["knob"], run.get("flags") or {}, None), []).append(run)
     rows = []
     for (method, *_), group in groups.items():
         kept = [statistics.fmean(r["success"][t] for t in old) for r in group]

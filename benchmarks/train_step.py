@@ -40,6 +40,9 @@ per storage and step (on the CPU: the system allocator, fresh pages faulted in; 
 allocator hands back the blocks it keeps); a task-only step pays it once (T), a retention step twice.
 `--storage_only` measures only that (no steps, no anchor cache): the wide model's layout on a CPU too
 slow for its steps (bfloat16 matrix products without AVX-512 run torch's reference kernel).
+
+`--two_pass` runs the retention steps with `--craft.two_pass_retention` (R never stored: the anchor
+backward runs twice), whose price is in the retention step's anchor forward+backward.
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ def time_steps(args, policy, adapter, accelerator, batch, cache, device) -> dict
     craft = CraftConfig(anchor_cache=cache.directory, anchor_batch_size=args.anchor_batch_size)
     constraint = Constraint(craft, cache, total_steps=10_000, seed=0, rank=0, device=device)
     step = make_step(policy, phases.adapter(adapter), optimizer, scheduler, phases.accelerator(accelerator),
-                     cache.manifest)
+                     cache.manifest, two_pass=args.two_pass)
     # pairs in alternating order, so that a drift in the machine's load falls on both kinds alike
     order = ["craft", "plain"] * args.warmup
     order += [kind for r in range(args.steps) for kind in (("plain", "craft"), ("craft", "plain"))[r % 2]]
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="timed calls of the lazy / eager gradient storage comparison (see above)")
     p.add_argument("--storage_only", action="store_true",
                    help="only the lazy / eager gradient storage comparison: no steps (see above)")
+    p.add_argument("--two_pass", action="store_true", help="retention steps with --craft.two_pass_retention")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model": args.model, "model_description": spec.describe(),
             "parameters": sum(q.numel() for q in policy.parameters()), "dtype": args.dtype,
             "batch_size": args.batch_size, "anchor_batch_size": args.anchor_batch_size, "cameras": args.cameras,
-            "layers": layers, "pooling": args.pooling, "warmup": args.warmup, "steps": args.steps,
+            "layers": layers, "pooling": args.pooling, "two_pass": args.two_pass, "warmup": args.warmup, "steps": args.steps,
             "device": str(device), **machine_info(device),
             "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         },

@@ -41,12 +41,15 @@ def test_the_benchmark_reports_success_per_method_and_task(tmp_path):
     again = _run(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "fine-tuning on" not in again.stdout and "pre-training" not in again.stdout
-    # --craft.* flags make another run of the CRaFT methods, recorded with them; other sizes are refused
-    flagged = _run(*args, "--methods=craft", "--craft.lambda_lr=5", f"--json={report}")
+    # --craft.* / --cache.* flags make other runs, recorded with them (a cache per --cache.* set); other
+    # sizes are refused
+    flagged = _run(*args, "--methods=plain,craft", "--craft.lambda_lr=5", "--cache.pooling=tokens", f"--json={report}")
     assert flagged.returncode == 0, flagged.stderr[-3000:]
-    assert "CRaFT (lambda_lr=5), seed 0: fine-tuning on" in flagged.stdout and "pre-training" not in flagged.stdout
-    (run,) = json.loads(report.read_text())["runs"]
-    assert run["craft_flags"] == {"lambda_lr": 5} and "lambda" in run["training"]
+    assert "CRaFT (craft.lambda_lr=5; cache.pooling=tokens), seed 0: fine-tuning on" in flagged.stdout
+    assert "plain fine-tuning, seed 0" not in flagged.stdout and "pre-training" not in flagged.stdout  # reused
+    plain, craft = json.loads(report.read_text())["runs"]
+    assert "flags" not in plain and craft["flags"] == {"craft": {"lambda_lr": 5}, "cache": {"pooling": "tokens"}}
+    assert "lambda" in craft["training"] and (out / "anchors_pooling-tokens" / "manifest.json").is_file()
     other = _run(*args, "--steps=3")
     assert other.returncode == 2 and "holds runs made with other settings: --steps=3 (it holds 2)" in other.stderr
 
@@ -58,3 +61,5 @@ def test_bad_task_names_and_flags_are_one_line(tmp_path):
     assert proc.returncode == 2 and "unknown MetaWorld task(s) reach-v9" in proc.stderr.splitlines()[-1]
     proc = _run("--old_tasks=reach-v3", "--new_task=push-v3", f"--output_dir={tmp_path}", "--craft.lambda_lr=-1")
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--craft.lambda_lr=-1: expected a finite number >= 0")
+    proc = _run("--old_tasks=reach-v3", "--new_task=push-v3", f"--output_dir={tmp_path}", "--cache.pooling=mean")
+    assert proc.returncode == 2 and "--pooling must be one of pooled|tokens, got 'mean'" in proc.stderr.splitlines()[-1]
