@@ -410,9 +410,11 @@ def test_help_is_fast_and_describes_every_craft_option():
 
 
 def test_demo_craft_forgets_clearly_less_than_plain(tmp_path, one_thread):
-    """The demo at reduced size (same tasks, fixed seed): plain fine-tuning on B raises task-A loss;
-    CRaFT's rise is clearly smaller while its task-B loss stays comparable."""
-    report = run_demo(DemoSettings(output_dir=tmp_path / "demo", kit_train_steps=300, steps=100, eval_frames=48, log_freq=50))
+    """The demo at reduced size (same tasks, the demo's kit, fixed seed): plain fine-tuning on B raises
+    task-A loss; CRaFT's rise is clearly smaller while its task-B loss stays comparable. The kit is trained
+    as the demo trains it (500 steps): on a kit trained for 300 steps, task A is learned so loosely on some
+    CPUs (2-vCPU AMD EPYC, AVX2) that 100 steps on B raise it by only ~0.2, for both runs alike."""
+    report = run_demo(DemoSettings(output_dir=tmp_path / "demo", steps=100, eval_frames=48, log_freq=50))
     plain, craft = report["runs"]["plain"], report["runs"]["craft"]
     rise = {name: run["task_a_loss_after"] - run["task_a_loss_before"] for name, run in report["runs"].items()}
     assert rise["plain"] > 0.3, f"the tasks do not conflict: plain fine-tuning raised task-A loss by {rise['plain']:.3f}"
