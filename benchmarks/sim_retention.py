@@ -4,7 +4,7 @@ old ones? Every method through the same trainer, seeds and step budget; success 
     python benchmarks/sim_retention.py --old_tasks=reach-v3,button-press-topdown-v3,drawer-open-v3 \\
         --new_task=door-open-v3 --output_dir=outputs/sim_retention --json sim_retention.json
     python benchmarks/sim_retention.py ... --quick      # one seed; plain, default CRaFT, replay
-    python benchmarks/sim_retention.py ... --methods=craft --epsilons=0.002 --craft.lambda_lr=5 --cache.pooling=tokens
+    python benchmarks/sim_retention.py ... --methods=craft --epsilons=0.002 --craft.lambda_lr=5 --cache.pooling=pooled
 
 1. Demonstrations: MetaWorld's scripted experts, successful episodes only (craft_ext.sim.record), one
    dataset of the old tasks and one of the new task.

@@ -75,7 +75,7 @@ class DemoSettings:
     lr: float = 1e-3
     log_freq: int = 20  # task losses are measured every log_freq steps
     num_anchors: int = 128  # of the 800 frames of A's training episodes
-    pooling: str = "tokens"  # every prefix token: a tighter constraint than "pooled" on this toy model
+    pooling: str = "tokens"  # every position (the cache builder's default)
     # what of the action path the cache anchors (build_anchor_cache --action_path): default = the policy's
     # (pi0-fast: action_tokens; pi0, pi0.5: velocity,expert), none = the prefix only
     action_path: str = "default"
@@ -205,8 +205,8 @@ def settings_note(s: DemoSettings) -> str:
         ["[demo] settings that differ from the CLI defaults:", *lines,
          f"  why: a toy model and {s.steps} steps. A slow dual step keeps lambda near its initial 1 while L_ret grows",
          "  and adapts it over tens of steps (a fast one drives lambda up in bursts, which on this toy slows task B and",
-         "  protects task A no better); token pooling constrains this small model more than pooled vectors; a high",
-         "  learning rate without warm-up makes plain fine-tuning forget task A visibly."]
+         "  protects task A no better); a high learning rate without warm-up makes plain fine-tuning forget task A",
+         "  visibly."]
     )
 
 

@@ -34,8 +34,9 @@ def build_cache(
     """An anchor cache at `output_dir` of `policy` (default: the kit's policy) on the kit's `dataset`,
     through the cache builder's API (`build(BuildAnchorCacheConfig(...))`, what the CLI runs).
 
-    Float32 storage and no build-time check by default, to keep the tests' caches exact and fast;
-    `options` are further BuildAnchorCacheConfig fields (layers, pooling, shard_size, device, ...).
+    Float32 storage, pooled hidden states and no build-time check by default, to keep the tests' caches
+    exact, small and fast (the CLI's default pooling is tokens: the tests that build through the CLI use
+    it); `options` are further BuildAnchorCacheConfig fields (layers, pooling, shard_size, device, ...).
     Returns the cache directory."""
     from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
 
@@ -47,7 +48,7 @@ def build_cache(
             num_anchors=num_anchors,
             dtype=dtype,
             check=check,
-            **options,
+            **{"pooling": "pooled", **options},
         )
     )
 

@@ -173,7 +173,8 @@ def test_flow_rows_record_their_noise_time_actions_and_state(policy_type, caches
     assert (STATE_KEY in batch.inputs) == (policy_type == "pi0")
     action_dim = config.output_features[ACTION].shape[0]
     assert cache.manifest.targets["velocity"].shape == [1, config.chunk_size, action_dim]
-    assert cache.manifest.targets["expert"].shape == [2, 2, config.expert_width]  # pooled: mean and last position
+    # tokens (the default pooling): every action position of the two expert layers
+    assert cache.manifest.targets["expert"].shape == [2, config.chunk_size, config.expert_width]
 
 
 @pytest.mark.parametrize("policy_type", FLOW_TYPES)
@@ -213,7 +214,8 @@ def test_pi0_fast_anchors_the_teachers_own_action_tokens(caches, kits):
     assert torch.equal(mask, torch.arange(mask.shape[1])[None, :] < lengths[:, None])  # a prefix of each row
     assert bool((tokens[~mask] == 0).all())
     adapter = make_adapter(policy)
-    assert cache.manifest.targets["action_tokens"].shape == [2, 2, adapter.hidden_dim]  # layers -2, -1; pooled
+    # layers -2, -1; tokens (the default pooling): every action-token position
+    assert cache.manifest.targets["action_tokens"].shape == [2, policy.config.max_action_tokens, adapter.hidden_dim]
     # the same layers' outputs at those positions, from the training forward of those tokens
     layers = cache.manifest.settings.hidden.layers
     out = adapter.anchor_forward(batch.inputs, layers, ["action_tokens"])
@@ -321,14 +323,16 @@ def test_gradient_checkpointing_changes_no_value_of_the_anchor_forward(policy_ty
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_the_anchor_pass_keeps_what_the_task_pass_keeps(caches, kits):
+@pytest.mark.parametrize("pooling, within", [("pooled", 1.01), ("tokens", 1.10)])
+def test_the_anchor_pass_keeps_what_the_task_pass_keeps(caches, kits, pooling, within):
     """pi0 with the expert anchored (velocity and two expert layers): the anchor forward is lerobot's training
     forward, so what autograd keeps for the anchor backward (rows = frames) is the task pass's, plus the
-    anchored features and their masks (pooled: a few vectors per row and layer; the pooling keeps no layer
-    output alive) and less the task loss's targets: within 1% here. The transient peaks at full size
-    (temporaries included) are counted by benchmarks/memory_action_path.py (benchmarks/RESULTS.md)."""
+    anchored features and their masks and less the task loss's targets. pooled (a few vectors per row and
+    layer; the pooling keeps no layer output alive): within 1% here; tokens (every position, stacked over
+    the anchored layers for the distance): 6% more on this toy, within 10%. The transient peaks at full
+    size (temporaries included) are counted by benchmarks/memory_action_path.py (benchmarks/RESULTS.md)."""
     kit = kits("pi0")
-    cache = AnchorCache(caches("pi0"))
+    cache = AnchorCache(caches("pi0", None, f"--pooling={pooling}"))
     policy = load_policy(kit.policy).train()
     adapter = make_adapter(policy)
     config = PreTrainedConfig.from_pretrained(kit.policy)
@@ -349,7 +353,7 @@ def test_the_anchor_pass_keeps_what_the_task_pass_keeps(caches, kits):
 
     task = kept_bytes(lambda: adapter.task_loss(batch))
     anchor = kept_bytes(lambda: retention_loss(adapter, cache.gather(range(8)), cache.manifest))
-    assert anchor <= 1.01 * task, (anchor, task)
+    assert anchor <= within * task, (anchor, task)
 
 
 # -------------------------------------------------------------------------------------------------

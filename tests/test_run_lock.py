@@ -262,4 +262,4 @@ def test_a_second_cache_build_into_one_directory_is_refused(kit, tmp_path, monke
     assert not out.exists()  # refused before anything was written
     code = main()
     assert code == 0, capsys.readouterr().err
-    build_cache(kit, out, num_anchors=4, dtype="bfloat16")  # the API takes the same lock; the build is complete
+    build_cache(kit, out, num_anchors=4, dtype="bfloat16", pooling="tokens")  # the API takes the same lock; the build is complete

@@ -43,13 +43,13 @@ def test_the_benchmark_reports_success_per_method_and_task(tmp_path):
     assert "fine-tuning on" not in again.stdout and "pre-training" not in again.stdout
     # --craft.* / --cache.* flags make other runs, recorded with them (a cache per --cache.* set); other
     # sizes are refused
-    flagged = _run(*args, "--methods=plain,craft", "--craft.lambda_lr=5", "--cache.pooling=tokens", f"--json={report}")
+    flagged = _run(*args, "--methods=plain,craft", "--craft.lambda_lr=5", "--cache.pooling=pooled", f"--json={report}")
     assert flagged.returncode == 0, flagged.stderr[-3000:]
-    assert "CRaFT (craft.lambda_lr=5; cache.pooling=tokens), seed 0: fine-tuning on" in flagged.stdout
+    assert "CRaFT (craft.lambda_lr=5; cache.pooling=pooled), seed 0: fine-tuning on" in flagged.stdout
     assert "plain fine-tuning, seed 0" not in flagged.stdout and "pre-training" not in flagged.stdout  # reused
     plain, craft = json.loads(report.read_text())["runs"]
-    assert "flags" not in plain and craft["flags"] == {"craft": {"lambda_lr": 5}, "cache": {"pooling": "tokens"}}
-    assert "lambda" in craft["training"] and (out / "anchors_pooling-tokens" / "manifest.json").is_file()
+    assert "flags" not in plain and craft["flags"] == {"craft": {"lambda_lr": 5}, "cache": {"pooling": "pooled"}}
+    assert "lambda" in craft["training"] and (out / "anchors_pooling-pooled" / "manifest.json").is_file()
     other = _run(*args, "--steps=3")
     assert other.returncode == 2 and "holds runs made with other settings: --steps=3 (it holds 2)" in other.stderr
 
