@@ -83,7 +83,7 @@ def checks(report: dict) -> list[str]:
                    f"({'met' if targets[f'{name}_anchor_pass_ok'] else 'NOT met'}); left of the task pass "
                    f"when the anchor forward starts: {r['transient_before_anchor_forward_gib'] * 1024:.1f} MiB")
     if lerobot is not None:
-        for name in [n for n in ("plain", *crafts) if n in rows]:
+        for name in (["plain"] if plain is not None else []) + crafts:
             extra = rows[name]["peak_gib"] - lerobot["peak_gib"]
             buffer = rows[name]["grad_buffer_gib"]
             targets[f"{name}_vs_lerobot_ok"] = extra <= 0.25 * buffer

@@ -6,8 +6,9 @@ previous step, and the goal xyz. Three cuts of it:
 
 - `compact` (10 d, the default): hand xyz, gripper, first object xyz, goal xyz. Task-agnostic (every
   task's dims mean the same thing) and it holds where things are, which a policy that sees small
-  images needs: DESIGN.md section 14 found that this state, not the full one, made a toy pi0-fast
-  learn (85-100% success on three tasks; 28-38% with the 39-d state, which it memorised).
+  images needs. When the closed-loop benchmark was sized (benchmarks/sim_retention.py), this state, not
+  the full one, made a toy pi0-fast learn (85-100% success on three tasks; 28-38% with the 39-d state,
+  which it memorised).
 - `agent_pos` (4 d): hand xyz and gripper only, lerobot's MetaWorld state; where the object and goal
   are must then come from the image.
 - `full` (39 d): the whole observation.
