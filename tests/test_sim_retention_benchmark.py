@@ -3,6 +3,7 @@ closed loop, report. No number is checked (the benchmark's numbers are its own):
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -54,12 +55,28 @@ def test_the_benchmark_reports_success_per_method_and_task(tmp_path):
     assert other.returncode == 2 and "holds runs made with other settings: --steps=3 (it holds 2)" in other.stderr
 
 
-def test_bad_task_names_and_flags_are_one_line(tmp_path):
-    proc = _run("--old_tasks=reach-v3", "--new_task=reach-v3", f"--output_dir={tmp_path}")
-    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--new_task reach-v3 is one of --old_tasks")
-    proc = _run("--old_tasks=reach-v9", "--new_task=push-v3", f"--output_dir={tmp_path}")
-    assert proc.returncode == 2 and "unknown MetaWorld task(s) reach-v9" in proc.stderr.splitlines()[-1]
-    proc = _run("--old_tasks=reach-v3", "--new_task=push-v3", f"--output_dir={tmp_path}", "--craft.lambda_lr=-1")
-    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--craft.lambda_lr=-1: expected a finite number >= 0")
-    proc = _run("--old_tasks=reach-v3", "--new_task=push-v3", f"--output_dir={tmp_path}", "--cache.pooling=mean")
-    assert proc.returncode == 2 and "--pooling must be one of pooled|tokens, got 'mean'" in proc.stderr.splitlines()[-1]
+@pytest.fixture
+def sim_retention():
+    """The benchmark's module, imported in this process: its argument errors come before any work, and a
+    subprocess per error would spend seconds importing MetaWorld each time."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        yield importlib.import_module("sim_retention")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--old_tasks=reach-v3", "--new_task=reach-v3"], "--new_task reach-v3 is one of --old_tasks"),
+    (["--old_tasks=reach-v9", "--new_task=push-v3"], "unknown MetaWorld task(s) reach-v9"),
+    (["--old_tasks=reach-v3", "--new_task=push-v3", "--craft.lambda_lr=-1"],
+     "--craft.lambda_lr=-1: expected a finite number >= 0"),
+    (["--old_tasks=reach-v3", "--new_task=push-v3", "--cache.pooling=mean"],
+     "--pooling must be one of pooled|tokens, got 'mean'"),
+])
+def test_bad_task_names_and_flags_are_one_line(sim_retention, tmp_path, capsys, args, error):
+    with pytest.raises(SystemExit) as exit_:
+        sim_retention.main([*args, f"--output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and error in err.splitlines()[-1], err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
