@@ -48,6 +48,7 @@ def test_eval_reports_success_per_task_for_every_model(kit, tmp_path, monkeypatc
     code, out, err = _eval(monkeypatch, capsys, f"--base={kit.policy}", f"--checkpoints=[{checkpoint}]", *ENV,
                            "--episodes=2", "--env_batch_size=2", RENAME, f"--output_dir={tmp_path / 'eval'}")
     assert code == 0, err
+    assert "Running rollout" not in err  # lerobot's per-step bars stay out of a log (stderr is no terminal)
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["env"] == {"type": "craft_metaworld", "task": ",".join(TASKS), "episodes": 2,
                              "start_seed": EVAL_START_SEED}

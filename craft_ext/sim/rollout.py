@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,6 +28,7 @@ from lerobot.envs.factory import make_env, make_env_pre_post_processors
 from lerobot.envs.utils import close_envs
 from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.processor import PolicyProcessorPipeline, RenameObservationsProcessorStep
+from lerobot.scripts import lerobot_eval
 from lerobot.scripts.lerobot_eval import eval_policy
 
 #: first layout seed of an evaluation; the recorder's demonstrations start at 0
@@ -103,7 +105,7 @@ def evaluate(
     envs = make_env(env_cfg, n_envs=min(batch_size, episodes))
     results = {}
     try:
-        with torch.no_grad(), _lenient_action_decoding(policy):
+        with torch.no_grad(), _lenient_action_decoding(policy), _bars_only_on_a_terminal():
             for suite, vector_envs in envs.items():
                 for task_id, vector_env in vector_envs.items():
                     name = suite if len(vector_envs) == 1 else f"{suite}/{task_id}"
@@ -122,6 +124,22 @@ def evaluate(
     finally:
         close_envs(envs)
     return results
+
+
+@contextlib.contextmanager
+def _bars_only_on_a_terminal() -> Iterator[None]:
+    """lerobot's rollout draws a progress bar per episode batch and step; written to a log file (a
+    benchmark's, a scheduler's) those are megabytes of carriage returns. lerobot turns them off itself
+    inside SLURM; this turns them off the same way whenever stderr is not a terminal."""
+    if sys.stderr.isatty():
+        yield
+        return
+    shown = lerobot_eval.inside_slurm
+    lerobot_eval.inside_slurm = lambda: True
+    try:
+        yield
+    finally:
+        lerobot_eval.inside_slurm = shown
 
 
 @contextlib.contextmanager
