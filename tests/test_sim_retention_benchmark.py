@@ -23,7 +23,23 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_the_benchmark_reports_success_per_method_and_task(tmp_path):
+@pytest.fixture
+def sim_retention():
+    """The benchmark's module, imported in this process: its argument errors come before any work, and a
+    subprocess per error would spend seconds importing MetaWorld each time. Its main() sets one torch
+    thread before it checks --output_dir: restored here."""
+    import torch
+
+    threads = torch.get_num_threads()
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        yield importlib.import_module("sim_retention")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        torch.set_num_threads(threads)
+
+
+def test_the_benchmark_reports_success_per_method_and_task(sim_retention, tmp_path, capsys):
     out, report = tmp_path / "bench", tmp_path / "report.json"
     tiny = ["--episodes=1", "--pretrain_steps=2", "--steps=2", "--batch_size=2", "--num_anchors=4", "--eval_episodes=1",
             "--env_batch_size=1", "--episode_length=5", "--image_size=16"]
@@ -51,19 +67,9 @@ def test_the_benchmark_reports_success_per_method_and_task(tmp_path):
     plain, craft = json.loads(report.read_text())["runs"]
     assert "flags" not in plain and craft["flags"] == {"craft": {"lambda_lr": 5}, "cache": {"pooling": "pooled"}}
     assert "lambda" in craft["training"] and (out / "anchors_pooling-pooled" / "manifest.json").is_file()
-    other = _run(*args, "--steps=3")
-    assert other.returncode == 2 and "holds runs made with other settings: --steps=3 (it holds 2)" in other.stderr
-
-
-@pytest.fixture
-def sim_retention():
-    """The benchmark's module, imported in this process: its argument errors come before any work, and a
-    subprocess per error would spend seconds importing MetaWorld each time."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        yield importlib.import_module("sim_retention")
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    with pytest.raises(SystemExit) as other:
+        sim_retention.main([*args, "--steps=3"])
+    assert other.value.code == 2 and "holds runs made with other settings: --steps=3 (it holds 2)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, error", [
