@@ -50,7 +50,26 @@ def task_batch(policy, batch_size: int, device="cpu", seed: int = 0) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def synthetic_manifest(adapter, *, layers: list[int], pooling: str, rows: int):
+def parse_layers(text: str) -> list[int] | None:
+    """A --layers value: "default" (None: the policy's, PolicyAdapter.default_layers) or integers "-3,-2"."""
+    if text.strip() == "default":
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers must be default or comma-separated integers, got {text!r}") from None
+
+
+def anchored_layers(adapter, layers: list[int] | None) -> tuple[list[int], list[int]]:
+    """(absolute, as requested) indices of `layers`, None meaning the policy's default layers (requested
+    then as the negative indices they are, as build_anchor_cache records them)."""
+    if layers is None:
+        resolved = adapter.default_layers()
+        return resolved, [i - adapter.num_layers for i in resolved]
+    return adapter.resolve_layers(layers), list(layers)
+
+
+def synthetic_manifest(adapter, *, layers: list[int] | None, pooling: str, rows: int):
     """An in-memory manifest of the shape a cache built with this model would have (what the
     retention loss reads: layers, pooling, per-layer variance)."""
     from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
@@ -60,11 +79,11 @@ def synthetic_manifest(adapter, *, layers: list[int], pooling: str, rows: int):
     config = adapter.policy.config
     h, w = config.image_resolution
     prompt = config.tokenizer_max_length
-    resolved = adapter.resolve_layers(layers)
+    resolved, requested = anchored_layers(adapter, layers)
     settings = BuildSettings(
         teacher=TeacherInfo(path="(synthetic)", weights_sha256="", identity={}),
         source=SourceInfo(repo_id="(synthetic)", root=None, frame_indices=list(range(rows)), seed=0),
-        hidden=HiddenInfo(layers=resolved, layers_requested=list(layers), pooling=pooling, dim=adapter.hidden_dim,
+        hidden=HiddenInfo(layers=resolved, layers_requested=requested, pooling=pooling, dim=adapter.hidden_dim,
                           dtype="bfloat16"),
         preprocessing={},
         shard_size=rows,

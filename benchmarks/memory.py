@@ -71,7 +71,7 @@ from _memory_report import checks, markdown_table, print_table
 from _policies import LORA_TARGETS, MODELS, ModelSpec, build_policy, make_tokenizers
 from _step import Phases, lerobot_update, make_accelerator, make_optimizer, make_step
 from _storage_counter import CATEGORIES, StorageCounter
-from _synthetic import synthetic_anchor_batch, synthetic_manifest, task_batch
+from _synthetic import parse_layers, synthetic_anchor_batch, synthetic_manifest, task_batch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from craft_ext.policies.registry import POLICIES
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--anchor_batch_size", type=int, default=8)
     p.add_argument("--cameras", type=int, default=1)
-    p.add_argument("--layers", default="-2,-1", help="anchored layers (the cache builder's default)")
+    p.add_argument("--layers", default="default", help="anchored layers (default: the cache builder's, per policy)")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--lora_rank", type=int, default=0,
                    help="train LoRA adapters of this rank (lerobot's --peft.*) on every linear layer of the language "
@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lora_rank < 0:
         p.error("--lora_rank must be >= 0 (0: full fine-tuning)")
     try:
-        args.layers = [int(x) for x in args.layers.split(",")]
-    except ValueError:
-        p.error(f"--layers must be comma-separated integers, got {args.layers!r}")
+        args.layers = parse_layers(args.layers)
+    except ValueError as exc:
+        p.error(str(exc))
 
     from craft_ext.utils.cli_logging import quiet_video_backend_warning
 
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {
             "policy": args.policy, "model": args.model, "model_description": spec.describe(), "dtype": args.dtype,
             "batch_size": args.batch_size, "anchor_batch_size": args.anchor_batch_size, "cameras": args.cameras,
-            "layers": args.layers, "gradient_checkpointing": args.gradient_checkpointing, "shards": list(args.shards),
+            "layers": "default" if args.layers is None else args.layers,
+            "gradient_checkpointing": args.gradient_checkpointing, "shards": list(args.shards),
             "lora_rank": args.lora_rank, "lora_targets": LORA_TARGETS if args.lora_rank else None,
             "optimizer": args.optimizer, "parameters": first["parameters_count"],
             "trainable_elements": first["trainable_elements"], "trainable_tensors": first["trainable_tensors"],

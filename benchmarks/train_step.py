@@ -59,7 +59,7 @@ import torch
 from _harness import machine_info, median_time, sync, write_json
 from _policies import ModelSpec, build_policy, make_tokenizers
 from _step import Phases, make_accelerator, make_optimizer, make_step
-from _synthetic import task_batch
+from _synthetic import anchored_layers, parse_layers, task_batch
 
 DEFAULTS = {  # model -> batch, anchor batch, dtype, warm-up pairs, timed pairs, CPU threads
     # the toy's matrices are too small for intra-op threads (the offline kit trains it on one thread)
@@ -96,16 +96,17 @@ class PhaseTimer:
         return out
 
 
-def build_cache(directory: Path, policy, adapter, *, rows: int, layers: list[int], pooling: str, device):
+def build_cache(directory: Path, policy, adapter, *, rows: int, layers: list[int] | None, pooling: str, device):
     """An anchor cache of `rows` synthetic frames, written by the project's cache writer with this
     model as the teacher (the student then starts at L_ret = 0, as in a real run)."""
     from craft_ext.anchors import AnchorCache, AnchorCacheWriter, BuildSettings, HiddenInfo, SourceInfo, TeacherInfo
     from craft_ext.anchors.teacher import write_shards
 
+    resolved, requested = anchored_layers(adapter, layers)
     settings = BuildSettings(
         teacher=TeacherInfo(path="(benchmark)", weights_sha256="", identity=adapter.identity()),
         source=SourceInfo(repo_id="(synthetic)", root=None, frame_indices=list(range(rows)), seed=0),
-        hidden=HiddenInfo(layers=adapter.resolve_layers(layers), layers_requested=list(layers), pooling=pooling,
+        hidden=HiddenInfo(layers=resolved, layers_requested=requested, pooling=pooling,
                           dim=adapter.hidden_dim, dtype="bfloat16"),
         preprocessing={},
         shard_size=rows,
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int)
     p.add_argument("--anchor_batch_size", type=int)
     p.add_argument("--cameras", type=int, default=1)
-    p.add_argument("--layers", default="-2,-1")
+    p.add_argument("--layers", default="default", help="anchored layers (default: the cache builder's, per policy)")
     p.add_argument("--pooling", choices=["pooled", "tokens"], default="pooled")
     p.add_argument("--warmup", type=int, help="untimed pairs of steps")
     p.add_argument("--steps", type=int, help="timed pairs of steps (one task-only step, one retention step)")
@@ -297,9 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     try:
-        layers = [int(x) for x in args.layers.split(",")]
-    except ValueError:
-        p.error(f"--layers must be comma-separated integers, got {args.layers!r}")
+        layers = parse_layers(args.layers)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -335,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
             "model": args.model, "model_description": spec.describe(),
             "parameters": sum(q.numel() for q in policy.parameters()), "dtype": args.dtype,
             "batch_size": args.batch_size, "anchor_batch_size": args.anchor_batch_size, "cameras": args.cameras,
-            "layers": layers, "pooling": args.pooling, "two_pass": args.two_pass, "warmup": args.warmup, "steps": args.steps,
+            "layers": "default" if layers is None else layers,
+            "pooling": args.pooling, "two_pass": args.two_pass, "warmup": args.warmup, "steps": args.steps,
             "device": str(device), **machine_info(device),
             "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         },

@@ -2,7 +2,7 @@
 
     python -m craft_ext.build_anchor_cache \\
         --policy.path=outputs/pretrained_model --dataset.repo_id=lerobot/aloha_sim_insertion_human \\
-        --output_dir=anchors/aloha --num_anchors=1000 --layers=-2,-1 --pooling=pooled
+        --output_dir=anchors/aloha --num_anchors=1000 --pooling=pooled
 
 Frames come from lerobot's LeRobotDataset and go through the checkpoint's own saved preprocessor,
 so the stored inputs are exactly what training feeds the policy. Re-running the same command resumes
@@ -41,7 +41,9 @@ class BuildAnchorCacheConfig:
     output_dir: str | None = None  # the cache directory to write (required); re-running resumes a build
     num_anchors: int = 1000  # anchor frames, spread over the episodes
     seed: int = 0  # seed of the anchor-frame selection
-    layers: str = "-2,-1"  # comma-separated; negative counts from the last layer
+    # default (the last two layers whose outputs reach the actions: -2,-1 for pi0-fast, -3,-2 for pi0 and
+    # pi0.5, whose expert never reads the last layer's output) | comma-separated; negative counts from the last
+    layers: str = "default"
     # tokens (every position of the prefix and the anchored action path, masked) | pooled (2 vectors per
     # layer and sequence). tokens is what holds a policy's behaviour: in closed loop (MetaWorld) CRaFT with
     # pooled anchors kept 7 percent of the old tasks' success, with tokens 63 to 90 (benchmarks/RESULTS.md)
@@ -81,12 +83,15 @@ class BuildAnchorCacheConfig:
         if self.check and not craft_ext.extension_available():
             raise ValueError("the self-check needs craft_ext's compiled extension: build it, or pass --check=false")
 
-    def layer_list(self) -> list[int]:
+    def layer_list(self) -> list[int] | None:
+        """The --layers indices as given (None: the policy's default)."""
         text = self.layers.strip().removeprefix("[").removesuffix("]")
+        if text == "default":
+            return None
         try:
             layers = [int(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--layers must be comma-separated integers like -2,-1, got {self.layers!r}") from None
+            raise ValueError(f"--layers must be default or comma-separated integers like -3,-2, got {self.layers!r}") from None
         if not layers or len(set(layers)) != len(layers):
             raise ValueError(f"--layers must name at least one layer, each once, got {self.layers!r}")
         return layers
@@ -187,11 +192,7 @@ def _build(cfg: BuildAnchorCacheConfig) -> Path:
     with quiet_policy_load():
         policy = load_policy(policy_dir, device=device)
     adapter = make_adapter(policy)
-    requested = cfg.layer_list()
-    try:
-        layers = adapter.resolve_layers(requested)
-    except (IndexError, ValueError) as exc:
-        raise ValueError(f"--layers={cfg.layers}: {exc}") from exc
+    layers, requested = _layers(cfg, adapter)
     action = _action_path(cfg, adapter)
     weights = cfg.weights(adapter.policy_type)
     with dataset_errors(cfg.dataset.repo_id, cfg.dataset.root):
@@ -202,7 +203,8 @@ def _build(cfg: BuildAnchorCacheConfig) -> Path:
     frames = select_anchor_frames(episodes, cfg.num_anchors, cfg.seed)
     preprocessor, _ = load_processors(policy_dir, device=device)
 
-    settings = _settings(cfg, policy_dir, adapter, layers, frames, [type(step).__name__ for step in preprocessor.steps], action)
+    steps = [type(step).__name__ for step in preprocessor.steps]
+    settings = _settings(cfg, policy_dir, adapter, (layers, requested), frames, steps, action)
     writer = AnchorCacheWriter(cfg.output_dir, settings, overwrite=cfg.overwrite)
     collate = lerobot_collate_fn if dataset.meta.has_language_columns else None
 
@@ -230,11 +232,25 @@ def _build(cfg: BuildAnchorCacheConfig) -> Path:
         term_weights=weights,
     )
     rate = f", {todo / elapsed:.1f} rows/s" if todo else " (already complete)"
-    print(f"anchor cache: {manifest.num_rows} rows in {len(manifest.shards)} shards at {cfg.output_dir}{rate}")
+    anchored = f"prefix layers {','.join(map(str, requested))}" + "".join(f", {t}" for t in action.terms)
+    print(f"anchor cache: {manifest.num_rows} rows in {len(manifest.shards)} shards at {cfg.output_dir} ({anchored}){rate}")
     if cfg.check:
         worst = check_teacher_reproduces(adapter, AnchorCache(cfg.output_dir), device)
         print(f"self-check: the teacher reproduces its cache (max normalised L_ret {worst:.2e})")
     return Path(cfg.output_dir)
+
+
+def _layers(cfg: BuildAnchorCacheConfig, adapter) -> tuple[list[int], list[int]]:
+    """(absolute indices, as requested) of the anchored prefix layers; the default is recorded as the
+    negative indices it resolved to, so the manifest says which layers, counted from the last."""
+    requested = cfg.layer_list()
+    if requested is None:
+        layers = adapter.default_layers()
+        return layers, [i - adapter.num_layers for i in layers]
+    try:
+        return adapter.resolve_layers(requested), requested
+    except (IndexError, ValueError) as exc:
+        raise ValueError(f"--layers={cfg.layers}: {exc}") from exc
 
 
 def _action_path(cfg: BuildAnchorCacheConfig, adapter) -> ActionPathInfo:
@@ -273,9 +289,11 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _settings(
-    cfg, policy_dir: Path, adapter, layers: list[int], frames: list[int], steps: list[str], action: ActionPathInfo
+    cfg, policy_dir: Path, adapter, layers: tuple[list[int], list[int]], frames: list[int], steps: list[str],
+    action: ActionPathInfo,
 ) -> BuildSettings:
-    """Everything that defines the cache's content (what a resumed build must match)."""
+    """Everything that defines the cache's content (what a resumed build must match); `layers`: (absolute,
+    as requested)."""
     return BuildSettings(
         teacher=TeacherInfo(
             path=str(policy_dir), weights_sha256=sha256_file(policy_dir / "model.safetensors"), identity=adapter.identity()
@@ -287,7 +305,7 @@ def _settings(
             seed=cfg.seed,
         ),
         hidden=HiddenInfo(
-            layers=layers, layers_requested=cfg.layer_list(), pooling=cfg.pooling, dim=adapter.hidden_dim, dtype=cfg.dtype
+            layers=layers[0], layers_requested=layers[1], pooling=cfg.pooling, dim=adapter.hidden_dim, dtype=cfg.dtype
         ),
         preprocessing={
             "steps": steps,

@@ -250,6 +250,28 @@ def test_a_moved_expert_raises_the_action_terms_and_leaves_the_prefix_term_at_ze
     assert float(terms["velocity"].mean()) > 1e-5 and float(terms["expert"].mean()) > 1e-5
 
 
+@pytest.mark.parametrize("policy_type", POLICY_TYPES)
+def test_the_default_layers_are_the_last_two_whose_outputs_reach_the_actions(policy_type, caches, kits):
+    """pi0 / pi0.5's expert reads each prefix layer's keys and values, never the last layer's output: moving
+    that layer's MLP changes no action term, and the default cache, which skips the layer, costs nothing for
+    it; the layer below reaches the actions. pi0-fast decodes its actions from the last layer's output."""
+    cache = AnchorCache(caches(policy_type, "default"))
+    hidden = cache.manifest.settings.hidden
+    depth = make_adapter(load_policy(kits(policy_type).policy)).num_layers
+    reach = depth - 1 if policy_type in FLOW_TYPES else depth  # the kits' depth is 2: pi0 anchors only layer 0
+    assert hidden.layers == list(range(reach))[-2:]
+    assert hidden.layers_requested == [i - depth for i in hidden.layers]
+    batch = cache.gather(range(ROWS))
+    for layer, reaches in ((depth - 1, policy_type not in FLOW_TYPES), (depth - 2, True)):
+        student = load_policy(kits(policy_type).policy).eval()
+        _perturb(make_adapter(student)._language_model.layers[layer].mlp.down_proj.weight, 0.5)
+        with torch.no_grad():
+            terms = retention_terms(make_adapter(student), batch, cache.manifest)
+        for term in TERMS[policy_type]:  # unreached: exactly the teacher's values
+            assert float(terms[term].mean()) > 1e-6 if reaches else float(terms[term].max()) == 0.0, (layer, term, terms)
+        assert (float(terms["prefix"].mean()) > 1e-6) == (layer in hidden.layers or reaches), (layer, terms)
+
+
 def test_pi0_fast_action_tokens_see_what_the_prefix_does_not(caches, kits):
     """Moving the embeddings of the teacher's action-token ids that no prompt uses changes the states at the
     action tokens only."""

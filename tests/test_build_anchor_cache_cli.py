@@ -115,7 +115,7 @@ def test_rerun_is_a_noop_and_other_settings_need_overwrite(kit, cli_cache, tmp_p
         ),
         (["--layers=5"], "--layers=5: layer index 5 is out of range"),
         (["--layers=-3"], "layer index -3 is out of range"),
-        (["--layers=a,b"], "--layers must be comma-separated integers"),
+        (["--layers=a,b"], "--layers must be default or comma-separated integers"),
         (["--pooling=mean"], "--pooling must be one of pooled|tokens"),
         (["--dtype=int8"], "--dtype must be one of float16|bfloat16|float32"),
         (["--shard_size=0"], "--shard_size must be >= 1"),

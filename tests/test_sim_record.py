@@ -31,6 +31,8 @@ def recorded(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "recorded 4 episodes" in result.stdout and f"into {out}" in result.stdout
+    # stderr is a pipe: progress as log lines, not a terminal bar's carriage returns
+    assert "expert demos: episode 4/4 (100%)" in result.stderr and "\r" not in result.stderr, result.stderr[-3000:]
     return out
 
 

@@ -83,6 +83,10 @@ class PolicyAdapter(Protocol):
     def resolve_layers(self, layers: Sequence[int]) -> list[int]:
         """Map possibly negative layer indices to absolute ones; error if out of range."""
 
+    def default_layers(self) -> list[int]:
+        """Absolute indices of the layers anchored by default: the last two whose outputs reach the
+        policy's actions (pi0-fast: -2,-1; pi0 / pi0.5, whose expert reads no last-layer output: -3,-2)."""
+
     def task_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scalar training loss of the policy on a preprocessed dataset batch."""
 

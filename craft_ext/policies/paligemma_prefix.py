@@ -48,6 +48,9 @@ class PaliGemmaPrefixAdapter:
     fsdp_units = "blocks"
     #: action-path terms this adapter can anchor (PolicyAdapter.action_terms); subclasses add theirs
     action_terms: tuple[str, ...] = ()
+    #: how many of the language model's last layers give an output that no action reads (pi0-fast: none,
+    #: its actions are decoded from the last layer's output)
+    unread_last_layers: int = 0
 
     def __init__(self, policy: nn.Module):
         self.policy = unwrap(policy)
@@ -83,6 +86,11 @@ class PaliGemmaPrefixAdapter:
     def resolve_layers(self, layers: Sequence[int]) -> list[int]:
         """Negative indices count from the last layer (-1 = last); any index outside the depth errors."""
         return resolve_indices(layers, self.num_layers, "a language model")
+
+    def default_layers(self) -> list[int]:
+        """The prefix layers anchored by default (build_anchor_cache --layers=default), absolute: the last
+        two whose outputs reach the actions (one in a model with only one such layer)."""
+        return list(range(self.num_layers - self.unread_last_layers))[-2:]
 
     # ---- inputs and hidden states ------------------------------------------------------------------
 

@@ -43,6 +43,10 @@ class Pi0Adapter(PaliGemmaPrefixAdapter):
     #: lerobot's joint layers (`compute_layer_complete`) call a block's projections and norms, never the
     #: block: FSDP2 must gather per module (craft_ext.trainer.sharding)
     fsdp_units = "modules"
+    #: the expert reads each prefix layer's keys and values, made from that layer's input: the last
+    #: layer's output reaches only the final norm, whose prefix part lerobot discards, so no action reads
+    #: it (anchoring it would spend the constraint on weights the actions never see)
+    unread_last_layers = 1
 
     def __init__(self, policy):
         super().__init__(policy)

@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from tqdm import tqdm
-
 from lerobot.configs import parser
 
 MANIFEST = "craft_record.json"
@@ -113,8 +111,12 @@ def record_tasks(dataset, cfg: RecordConfig, env_cfg) -> tuple[dict[str, list[in
 
     seeds: dict[str, list[int]] = {}
     failed: dict[str, list[int]] = {}
-    with tqdm(total=len(env_cfg.tasks) * cfg.episodes, unit="episode", desc="expert demos") as bar:
+    from craft_ext.utils.cli_logging import progress
+
+    total = len(env_cfg.tasks) * cfg.episodes
+    with progress(total, unit="episode", desc="expert demos", every=max(1, cfg.episodes // 2)) as bar:
         for task in env_cfg.tasks:
+            bar.set_postfix(task=task)  # in a log: one line as each task starts
             env = MetaWorldV3Env(task, **env_cfg.gym_kwargs)
             seeds[task], failed[task] = [], []
             try:
@@ -128,7 +130,6 @@ def record_tasks(dataset, cfg: RecordConfig, env_cfg) -> tuple[dict[str, list[in
                         dataset.save_episode()
                         seeds[task].append(seed)
                         bar.update()
-                    bar.set_postfix(task=task, expert_failures=len(failed[task]))
                     if len(seeds[task]) == cfg.episodes:
                         break
             finally:
