@@ -126,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         claim_output_dir(out, settings)
     except ValueError as exc:
         parser.error(str(exc))
-    bench = prepare(out, old_tasks, new_task, settings)
-    report = run_sweep(bench, settings, sweep, seeds, flags)
+    try:
+        bench = prepare(out, old_tasks, new_task, settings)
+        report = run_sweep(bench, settings, sweep, seeds, flags)
+    except StaleCache as exc:
+        parser.error(str(exc))
     report["settings"] = dataclasses.asdict(settings)
     table = summary_table(report)
     (out / "table.md").write_text(table + "\n")
@@ -241,19 +244,32 @@ def prepare(out: Path, old_tasks: list[str], new_task: str, s: SimSettings) -> B
     return bench
 
 
+class StaleCache(Exception):
+    """An anchor cache in --output_dir that the cache builder would not make today."""
+
+
 def anchor_cache(bench: Bench, s: SimSettings, options: dict[str, str]) -> Path:
     """The pre-trained policy's anchor cache on the old tasks' frames, built with the cache builder's
-    `options` (--cache.*) if it is not there: out/anchors, or out/anchors_<options> for other options."""
+    `options` (--cache.*): out/anchors, or out/anchors_<options> for other options. A complete cache is
+    reused through the builder, which checks it against what these options give today: a cache made with
+    the builder's earlier defaults (an older craft_ext) is refused, not reported as today's default."""
+    from craft_ext.anchors.writer import OtherSettingsError
     from craft_ext.build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
 
     suffix = "".join(f"_{k}-{v}" for k, v in sorted(options.items())).replace(",", "+").replace("=", "-")
     cache = bench.out / f"anchors{suffix}"
-    if not (cache / "manifest.json").is_file():
+    new = not (cache / "manifest.json").is_file()
+    if new:
         _log(f"anchor cache: {s.num_anchors} frames of the old tasks" + (f", {options}" if options else "")
              + f" -> {cache}")
+    try:
         build(BuildAnchorCacheConfig(policy=PolicySource(str(bench.pretrained)),
                                      dataset=DatasetSource(repo_id="local/metaworld", root=str(bench.old_data)),
-                                     output_dir=str(cache), num_anchors=s.num_anchors, **options))
+                                     output_dir=str(cache), num_anchors=s.num_anchors, check=new, **options))
+    except OtherSettingsError as exc:
+        raise StaleCache(f"--output_dir {bench.out}: its anchor cache {cache.name} was built with other settings "
+                         f"than the cache builder gives now ({'; '.join(exc.differences)}): the runs made against it "
+                         "are not today's; choose another --output_dir") from None
     return cache
 
 

@@ -70,6 +70,16 @@ def test_the_benchmark_reports_success_per_method_and_task(sim_retention, tmp_pa
     with pytest.raises(SystemExit) as other:
         sim_retention.main([*args, "--steps=3"])
     assert other.value.code == 2 and "holds runs made with other settings: --steps=3 (it holds 2)" in capsys.readouterr().err
+    # a cache the builder would not make today (as one of an older craft_ext's defaults) is refused, not reused
+    manifest = out / "anchors" / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["settings"]["hidden"]["layers_requested"] = [0, 1]
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(SystemExit) as stale:
+        sim_retention.main(args)
+    err = capsys.readouterr().err
+    assert stale.value.code == 2 and "its anchor cache anchors was built with other settings" in err, err[-2000:]
+    assert "layers_requested: existing [0, 1], requested [-2, -1]" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args, error", [

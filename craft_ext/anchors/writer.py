@@ -47,6 +47,17 @@ PROGRESS_NAME = "build-progress.json"
 _STATS_CHUNK_BYTES = 64 << 20
 
 
+class OtherSettingsError(AnchorCacheError):
+    """The directory holds a cache (complete or not) built with other settings; `differences` lists them."""
+
+    def __init__(self, directory: Path, differences: list[str]):
+        self.directory, self.differences = directory, differences
+        super().__init__(
+            f"{directory} holds an anchor cache built with other settings ({'; '.join(differences)}); "
+            "use another output directory or pass --overwrite=true to replace it"
+        )
+
+
 class AnchorCacheWriter:
     """Writes one cache directory under fixed settings.
 
@@ -88,11 +99,7 @@ class AnchorCacheWriter:
             self._clear()
         existing, records = self._existing_build()
         if existing is not None and existing.fingerprint() != self._fingerprint:
-            raise AnchorCacheError(
-                f"{self.directory} holds an anchor cache built with other settings "
-                f"({'; '.join(_diff(_plain(existing.to_json()), _plain(self.settings.to_json())))}); "
-                "use another output directory or pass --overwrite=true to replace it"
-            )
+            raise OtherSettingsError(self.directory, _diff(_plain(existing.to_json()), _plain(self.settings.to_json())))
         for tmp in self.directory.glob(".shard-*.tmp"):
             tmp.unlink()  # a temp file is only ever a shard that was cut off mid-write
 
