@@ -5,6 +5,8 @@
 # the editable install of craft_ext into it; it is redone only when the build inputs change.
 # `make install` does only the set-up; `make clean` removes .venv and the build folder.
 
+# pytest processes (pytest-xdist), each test file in one of them: 2 suits the 2-core CI machine
+TEST_PROCESSES ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.craft_ext-installed
@@ -18,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check craft_ext tests benchmarks
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 install: $(STAMP)
 

@@ -22,6 +22,16 @@ os.environ["HF_HOME"] = str(_HF_ROOT / "hf_home")
 os.environ["HF_LEROBOT_HOME"] = str(_HF_ROOT / "lerobot_home")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs the files in 2 processes) the processes share the cores:
+    torch gets its share of them in each, not every core in every process."""
+    processes = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if processes:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(processes)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_hf_home():
     yield _HF_ROOT
