@@ -50,25 +50,6 @@ def task_batch(policy, batch_size: int, device="cpu", seed: int = 0) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def parse_layers(text: str) -> list[int] | None:
-    """A --layers value: "default" (None: the policy's, PolicyAdapter.default_layers) or integers "-3,-2"."""
-    if text.strip() == "default":
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--layers must be default or comma-separated integers, got {text!r}") from None
-
-
-def anchored_layers(adapter, layers: list[int] | None) -> tuple[list[int], list[int]]:
-    """(absolute, as requested) indices of `layers`, None meaning the policy's default layers (requested
-    then as the negative indices they are, as build_anchor_cache records them)."""
-    if layers is None:
-        resolved = adapter.default_layers()
-        return resolved, [i - adapter.num_layers for i in resolved]
-    return adapter.resolve_layers(layers), list(layers)
-
-
 def synthetic_manifest(adapter, *, layers: list[int] | None, pooling: str, rows: int):
     """An in-memory manifest of the shape a cache built with this model would have (what the
     retention loss reads: layers, pooling, per-layer variance)."""
@@ -79,7 +60,9 @@ def synthetic_manifest(adapter, *, layers: list[int] | None, pooling: str, rows:
     config = adapter.policy.config
     h, w = config.image_resolution
     prompt = config.tokenizer_max_length
-    resolved, requested = anchored_layers(adapter, layers)
+    from craft_ext.build_anchor_cache import anchor_layers
+
+    resolved, requested = anchor_layers(adapter, layers)
     settings = BuildSettings(
         teacher=TeacherInfo(path="(synthetic)", weights_sha256="", identity={}),
         source=SourceInfo(repo_id="(synthetic)", root=None, frame_indices=list(range(rows)), seed=0),

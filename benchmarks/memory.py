@@ -71,7 +71,7 @@ from _memory_report import checks, markdown_table, print_table
 from _policies import LORA_TARGETS, MODELS, ModelSpec, build_policy, make_tokenizers
 from _step import Phases, lerobot_update, make_accelerator, make_optimizer, make_step
 from _storage_counter import CATEGORIES, StorageCounter
-from _synthetic import parse_layers, synthetic_anchor_batch, synthetic_manifest, task_batch
+from _synthetic import synthetic_anchor_batch, synthetic_manifest, task_batch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from craft_ext.policies.registry import POLICIES
@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{name} must be >= 1")
     if args.lora_rank < 0:
         p.error("--lora_rank must be >= 0 (0: full fine-tuning)")
+    from craft_ext.build_anchor_cache import parse_layers
+
     try:
         args.layers = parse_layers(args.layers)
     except ValueError as exc:

@@ -59,7 +59,7 @@ import torch
 from _harness import machine_info, median_time, sync, write_json
 from _policies import ModelSpec, build_policy, make_tokenizers
 from _step import Phases, make_accelerator, make_optimizer, make_step
-from _synthetic import anchored_layers, parse_layers, task_batch
+from _synthetic import task_batch
 
 DEFAULTS = {  # model -> batch, anchor batch, dtype, warm-up pairs, timed pairs, CPU threads
     # the toy's matrices are too small for intra-op threads (the offline kit trains it on one thread)
@@ -101,8 +101,9 @@ def build_cache(directory: Path, policy, adapter, *, rows: int, layers: list[int
     model as the teacher (the student then starts at L_ret = 0, as in a real run)."""
     from craft_ext.anchors import AnchorCache, AnchorCacheWriter, BuildSettings, HiddenInfo, SourceInfo, TeacherInfo
     from craft_ext.anchors.teacher import write_shards
+    from craft_ext.build_anchor_cache import anchor_layers
 
-    resolved, requested = anchored_layers(adapter, layers)
+    resolved, requested = anchor_layers(adapter, layers)
     settings = BuildSettings(
         teacher=TeacherInfo(path="(benchmark)", weights_sha256="", identity=adapter.identity()),
         source=SourceInfo(repo_id="(synthetic)", root=None, frame_indices=list(range(rows)), seed=0),
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    from craft_ext.build_anchor_cache import parse_layers
+
     try:
         layers = parse_layers(args.layers)
     except ValueError as exc:

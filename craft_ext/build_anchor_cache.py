@@ -85,16 +85,7 @@ class BuildAnchorCacheConfig:
 
     def layer_list(self) -> list[int] | None:
         """The --layers indices as given (None: the policy's default)."""
-        text = self.layers.strip().removeprefix("[").removesuffix("]")
-        if text == "default":
-            return None
-        try:
-            layers = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--layers must be default or comma-separated integers like -3,-2, got {self.layers!r}") from None
-        if not layers or len(set(layers)) != len(layers):
-            raise ValueError(f"--layers must name at least one layer, each once, got {self.layers!r}")
-        return layers
+        return parse_layers(self.layers)
 
 
     def action_terms(self, policy_type: str | None) -> list[str]:
@@ -116,6 +107,30 @@ class BuildAnchorCacheConfig:
         if text == "default":
             return None if policy_type is None else dict(POLICIES[policy_type].default_term_weights)
         return parse_term_weights(text, "--term_weights")
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """A --layers value: "default" (None: the policy's, `anchor_layers`) or distinct integers "-3,-2"."""
+    text = text.strip().removeprefix("[").removesuffix("]")
+    if text == "default":
+        return None
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be default or comma-separated integers like -3,-2, got {text!r}") from None
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"--layers must name at least one layer, each once, got {text!r}")
+    return layers
+
+
+def anchor_layers(adapter, requested: list[int] | None) -> tuple[list[int], list[int]]:
+    """(absolute indices, as requested) of the anchored prefix layers. None is the policy's default
+    (`PolicyAdapter.default_layers`), recorded as the negative indices it resolved to, so a manifest says
+    which layers, counted from the last."""
+    if requested is None:
+        layers = adapter.default_layers()
+        return layers, [i - adapter.num_layers for i in layers]
+    return adapter.resolve_layers(requested), requested
 
 
 # `python -m craft_ext.build_anchor_cache --help` ends here: the options above are the whole page, and
@@ -241,14 +256,9 @@ def _build(cfg: BuildAnchorCacheConfig) -> Path:
 
 
 def _layers(cfg: BuildAnchorCacheConfig, adapter) -> tuple[list[int], list[int]]:
-    """(absolute indices, as requested) of the anchored prefix layers; the default is recorded as the
-    negative indices it resolved to, so the manifest says which layers, counted from the last."""
-    requested = cfg.layer_list()
-    if requested is None:
-        layers = adapter.default_layers()
-        return layers, [i - adapter.num_layers for i in layers]
+    """`anchor_layers` of --layers, an index out of the model's range refused in one line."""
     try:
-        return adapter.resolve_layers(requested), requested
+        return anchor_layers(adapter, cfg.layer_list())
     except (IndexError, ValueError) as exc:
         raise ValueError(f"--layers={cfg.layers}: {exc}") from exc
 
