@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from lerobot.configs.default import DatasetConfig
 from lerobot.datasets import LeRobotDatasetMetadata
 
 from .anchors.reader import AnchorCache
+from .anchors.writer import OtherSettingsError
 from .build_anchor_cache import BuildAnchorCacheConfig, DatasetSource, PolicySource, build
 from .config import CraftConfig
 from .evaluation.measures import EvalSet, load_eval_set, mean_task_loss, retention_on_cache
@@ -110,18 +112,22 @@ def prepare(out: Path, settings: DemoSettings, log=print, kit_dir: Path | None =
         kit_settings = KitSettings(policy_type=settings.policy_type, seed=settings.seed, train_steps=settings.kit_train_steps)
         kit = build_kit(out / "kit", kit_settings, log=_log)
     log("[demo] 2/4 anchor cache of the A-trained model on task A")
-    cache_dir = build(
-        BuildAnchorCacheConfig(
-            policy=PolicySource(str(kit.policy)),
-            dataset=DatasetSource(TASK_A.name, str(kit.datasets[TASK_A.name])),
-            output_dir=str(out / "anchors"),
-            num_anchors=settings.num_anchors,
-            seed=settings.seed,
-            pooling=settings.pooling,
-            dtype=DEMO_CACHE_DTYPE,
-            action_path=settings.action_path,
+    try:
+        cache_dir = build(
+            BuildAnchorCacheConfig(
+                policy=PolicySource(str(kit.policy)),
+                dataset=DatasetSource(TASK_A.name, str(kit.datasets[TASK_A.name])),
+                output_dir=str(out / "anchors"),
+                num_anchors=settings.num_anchors,
+                seed=settings.seed,
+                pooling=settings.pooling,
+                dtype=DEMO_CACHE_DTYPE,
+                action_path=settings.action_path,
+            )
         )
-    )
+    except OtherSettingsError as exc:  # an interrupted demo of other settings, or of an older craft_ext
+        raise FileExistsError(f"{out} holds an anchor cache built with other settings ({'; '.join(exc.differences)}): "
+                              "choose another --output_dir") from None
     cache = AnchorCache(cache_dir)
     sets = eval_sets(kit, cache.manifest.settings.source.frame_indices, frames=settings.eval_frames, seed=settings.seed)
     with quiet_policy_load():
@@ -285,7 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_cli_logging()
     torch.set_num_threads(1)  # the toy model's matmuls are too small to gain from threads; 2 cores thrash
-    run_demo(DemoSettings(**vars(args)))
+    try:
+        run_demo(DemoSettings(**vars(args)))
+    except FileExistsError as exc:  # an --output_dir that holds another demo: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

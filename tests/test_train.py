@@ -429,3 +429,26 @@ def test_demo_craft_forgets_clearly_less_than_plain(tmp_path, one_thread):
         ):
             assert math.isfinite(run[key])
     assert (tmp_path / "demo" / "report.png").stat().st_size > 10_000
+
+
+def test_a_demo_output_dir_that_holds_another_demo_is_one_line(tmp_path, capsys, one_thread):
+    """Its report, or (an interrupted demo of other settings, or of an older craft_ext) an anchor cache
+    the demo would not build today: refused in one line, no traceback, nothing overwritten."""
+    from craft_ext.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    args = ["--output_dir", str(out), "--steps", "2", "--eval_frames", "8", "--kit_train_steps", "2"]
+    demo_main(args)
+    capsys.readouterr()
+    report = (out / "report.json").read_bytes()
+    with pytest.raises(SystemExit) as again:
+        demo_main(args)
+    err = capsys.readouterr().err
+    assert again.value.code == 1 and err == f"error: {out} already holds a demo report: choose another --output_dir\n"
+    assert (out / "report.json").read_bytes() == report
+    (out / "report.json").unlink()
+    with pytest.raises(SystemExit) as stale:
+        demo_main([*args, "--pooling", "pooled"])
+    err = capsys.readouterr().err
+    assert stale.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "holds an anchor cache built with other settings (hidden.pooling: existing 'tokens', requested 'pooled'" in err
