@@ -60,7 +60,7 @@ class SimSettings:
     episodes: int = 50  # recorded expert demonstrations per task
     image_size: int = 32  # camera frame side, pixels (recorded and seen by the policy)
     chunk_size: int = 10
-    width: int = 64  # the toy model's hidden width (pi0-fast)
+    width: int = 64  # the toy model's language-model width (every policy type)
     depth: int = 2  # its language-model layers
     pretrain_steps: int = 1200
     pretrain_lr: float = 2e-3
@@ -299,14 +299,14 @@ def init_policy(directory: Path, datasets: list[Path], s: SimSettings) -> None:
             chunks += [episode[np.minimum(np.arange(t, t + s.chunk_size), len(episode) - 1)] for t in range(len(episode))]
         prompts += list(dataset.meta.tasks.index)
     fast_vocab, skip = 0, 0
-    sizes = {}
+    # pi0 / pi0.5 keep their toy head size (8 heads, as lerobot's joint attention needs) and expert width
+    sizes = dict(width=s.width, depth=s.depth, mlp_dim=2 * s.width)
     if entry.action_tokens:
         fast = FASTActionTokenizer.fit(chunks, scale=10.0, vocab_size=0)  # raw actions in [-1, 1]; one token per coefficient
         fast.save_pretrained(tokenizers / "fast")
         fast_vocab, skip = fast.vocab_size, 128
-        sizes = dict(max_action_tokens=48, max_decoding_steps=48, fast_skip_tokens=skip,
-                     action_tokenizer_name=str((tokenizers / "fast").resolve()),
-                     width=s.width, depth=s.depth, mlp_dim=2 * s.width, head_dim=s.width // 2)
+        sizes.update(max_action_tokens=48, max_decoding_steps=48, fast_skip_tokens=skip,
+                     action_tokenizer_name=str((tokenizers / "fast").resolve()), head_dim=s.width // 2)
     corpus = [f"Task: {p}, State: {' '.join(str((v + 37 * i) % 256) for i in range(state_dim))};\n"
               for p in prompts for v in range(256)]
     build_text_tokenizer(corpus, fast_vocab, skip, 700).save_pretrained(tokenizers / "text")

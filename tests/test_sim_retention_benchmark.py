@@ -54,6 +54,12 @@ def test_the_benchmark_reports_success_per_method_and_task(sim_retention, tmp_pa
     for run in result["runs"]:
         assert set(run["success"]) == {*OLD, NEW} and all(r in (0.0, 1.0) for r in run["success"].values())
     assert (out / "pareto.png").is_file() and "old tasks (mean)" in (out / "table.md").read_text()
+    # --width / --depth size the language model of every policy type, pi0's too
+    pi0 = tmp_path / "pi0"
+    sim_retention.init_policy(pi0, [out / "data" / "old", out / "data" / "new"],
+                              sim_retention.SimSettings(policy_type="pi0", width=32, depth=3, image_size=16))
+    config = json.loads((pi0 / "config.json").read_text())
+    assert (config["type"], config["width"], config["depth"], config["mlp_dim"]) == ("pi0_tiny", 32, 3, 64), config
     # again: every step is reused, nothing is trained twice
     again = _run(*args)
     assert again.returncode == 0, again.stderr[-3000:]
