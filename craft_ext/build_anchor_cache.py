@@ -109,17 +109,19 @@ class BuildAnchorCacheConfig:
         return parse_term_weights(text, "--term_weights")
 
 
-def parse_layers(text: str) -> list[int] | None:
-    """A --layers value: "default" (None: the policy's, `anchor_layers`) or distinct integers "-3,-2"."""
+def parse_layers(text: str, flag: str = "--layers", *, default_allowed: bool = True) -> list[int] | None:
+    """A layer-list flag's value: distinct integers "-3,-2", or "default" where allowed (None: the
+    policy's, `anchor_layers`)."""
     text = text.strip().removeprefix("[").removesuffix("]")
-    if text == "default":
+    if default_allowed and text == "default":
         return None
     try:
         layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--layers must be default or comma-separated integers like -3,-2, got {text!r}") from None
+        choices = "default or comma-separated integers" if default_allowed else "comma-separated integers"
+        raise ValueError(f"{flag} must be {choices} like -3,-2, got {text!r}") from None
     if not layers or len(set(layers)) != len(layers):
-        raise ValueError(f"--layers must name at least one layer, each once, got {text!r}")
+        raise ValueError(f"{flag} must name at least one layer, each once, got {text!r}")
     return layers
 
 
@@ -275,7 +277,7 @@ def _action_path(cfg: BuildAnchorCacheConfig, adapter) -> ActionPathInfo:
         )
     requested, expert_layers = [], []
     if "expert" in terms:
-        requested = _int_list(cfg.expert_layers, "--expert_layers")
+        requested = parse_layers(cfg.expert_layers, "--expert_layers", default_allowed=False)
         try:
             expert_layers = adapter.resolve_expert_layers(requested)
         except (IndexError, ValueError) as exc:
@@ -286,16 +288,6 @@ def _action_path(cfg: BuildAnchorCacheConfig, adapter) -> ActionPathInfo:
         terms=terms, expert_layers=expert_layers, expert_layers_requested=requested,
         noise_seed=cfg.noise_seed if draws is not None else None, time_distribution=time_distribution, noise_shape=noise_shape,
     )
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.strip().removeprefix("[").removesuffix("]").split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers like -2,-1, got {text!r}") from None
-    if not values or len(set(values)) != len(values):
-        raise ValueError(f"{flag} must name at least one layer, each once, got {text!r}")
-    return values
 
 
 def _settings(
